@@ -1,0 +1,170 @@
+"""The model interface the engine trains through.
+
+A binding wraps one loaded Stable Diffusion model (diffusers components for the CLI and tests, the model
+AUTOMATIC1111 has loaded for the WebUI) and offers exactly what DreamArtist needs: prompts encoded with learned
+embeddings injected, noise predicted for rows that each belong to a branch, the VAE both ways, and the noise
+schedule. Adapters are routed here, by branch, so no caller has to know where they live.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .adapters import BranchAdapters
+
+POS = "pos"
+NEG = "neg"
+BRANCHES = (POS, NEG)
+
+
+class UnsupportedModelError(RuntimeError):
+    """The loaded model is not one DreamArtist can train on (yet)."""
+
+
+@dataclass(frozen=True)
+class AdapterSite:
+    """Where adapters of one part of the model go.
+
+    ``module_paths`` are relative to ``root``; ``kohya_prefix`` turns one of them into the key prefix the
+    AUTOMATIC1111 Lora loader understands, so files written from either binding are interchangeable.
+    """
+
+    part: str  # "unet" or "te"
+    root: nn.Module
+    module_paths: tuple[str, ...]
+    kohya_prefix: Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    hash: str
+    architecture: str = "sd1"
+
+
+class DiffusionBinding(abc.ABC):
+    """One Stable Diffusion (1.x) model as the trainer sees it."""
+
+    device: torch.device
+    dtype: torch.dtype  # dtype of the frozen weights
+    token_dim: int
+    latent_channels: int = 4
+    latent_scale_factor: float
+    vae_downscale: int = 8
+    size_multiple: int = 64  # training/preview sizes must be multiples of this
+    alphas_cumprod: torch.Tensor  # [T] float32, on ``device``
+
+    def __init__(self) -> None:
+        self.adapters: BranchAdapters | None = None
+
+    # -- schedule -----------------------------------------------------------------------------------------------
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    # -- text ---------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def token_vectors(self, text: str) -> torch.Tensor:
+        """Token-embedding rows [k, token_dim] of the words in ``text`` (no start/end tokens), detached."""
+
+    @abc.abstractmethod
+    def end_token_vector(self) -> torch.Tensor:
+        """Token-embedding row [token_dim] of the end-of-text token: what the empty prompt is made of."""
+
+    @abc.abstractmethod
+    def embedding_table_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std [token_dim] of the whole token-embedding table."""
+
+    @contextlib.contextmanager
+    def learned_words(self, vectors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Make ``vectors`` (word -> [n, token_dim], may require grad) usable in prompts for the duration."""
+        self._install_words(vectors)
+        try:
+            yield
+        finally:
+            self._remove_words(vectors)
+
+    @abc.abstractmethod
+    def _install_words(self, vectors: Mapping[str, torch.Tensor]) -> None: ...
+
+    @abc.abstractmethod
+    def _remove_words(self, vectors: Mapping[str, torch.Tensor]) -> None: ...
+
+    @abc.abstractmethod
+    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Cross-attention context [B, L, C] for ``prompts`` with learned words injected."""
+
+    def encode_prompts(self, prompts: Sequence[str], branches: Sequence[str]) -> torch.Tensor:
+        """Encode ``prompts``; row i goes through the text-encoder adapter of ``branches[i]``."""
+        if len(prompts) != len(branches):
+            raise ValueError(f"{len(prompts)} prompts but {len(branches)} branches")
+        with self._routed("te", branches):
+            return self._encode(prompts)
+
+    # -- U-Net --------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+
+    def predict_noise(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, branches: Sequence[str]
+    ) -> torch.Tensor:
+        """Predicted noise for a batch; row i goes through the U-Net adapter of ``branches[i]``."""
+        if latents.shape[0] != len(branches):
+            raise ValueError(f"{latents.shape[0]} latent rows but {len(branches)} branches")
+        with self._routed("unet", branches):
+            return self._predict(latents, timesteps, context)
+
+    # -- VAE ----------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent distribution (mean, std) of images in [-1, 1], already multiplied by the latent scale factor."""
+
+    @abc.abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] from scaled latents, keeping the autograd graph (the reconstruction loss
+        needs gradients through the decoder)."""
+
+    # -- adapters and training switches -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def adapter_sites(self) -> list[AdapterSite]:
+        """Where LoRA adapters may go: one site per part ("unet", "te")."""
+
+    @abc.abstractmethod
+    def trainable_roots(self) -> list[nn.Module]:
+        """Every module whose parameters must stay frozen while training (they are restored afterwards)."""
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Trade compute for memory in the U-Net (and the VAE decoder where supported)."""
+
+    @abc.abstractmethod
+    def model_info(self) -> ModelInfo: ...
+
+    def _routed(self, part: str, branches: Sequence[str]) -> contextlib.AbstractContextManager:
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.routed(part, branches)
+
+
+@contextlib.contextmanager
+def frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Freeze every parameter of ``modules`` and put each ``requires_grad`` flag back afterwards."""
+    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)

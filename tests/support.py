@@ -1,0 +1,44 @@
+"""Helpers shared by the tests (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def write_image(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:
+    """A smooth random-colour picture (gradients + blobs): something a model can fit."""
+    generator = torch.Generator().manual_seed(seed)
+    h, w = size[1], size[0]
+    ys = torch.linspace(-1, 1, h).view(h, 1)
+    xs = torch.linspace(-1, 1, w).view(1, w)
+    channels = []
+    for _ in range(3):
+        a, b, c = torch.rand(3, generator=generator) * 2 - 1
+        channels.append(torch.tanh(2 * a * xs + 2 * b * ys + c))
+    pixels = ((torch.stack(channels, -1) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes: to assert that nothing was written or changed."""
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def state_fingerprint(module: torch.nn.Module) -> dict[str, tuple]:
+    """Names, dtypes, bit patterns and requires_grad of every parameter and buffer, plus module types."""
+    out = {}
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        out[name] = (tensor.dtype, tuple(tensor.shape), tensor.detach().cpu().numpy().tobytes(),
+                     getattr(tensor, "requires_grad", False))
+    out["__modules__"] = tuple((n, type(m).__name__) for n, m in module.named_modules())
+    return out

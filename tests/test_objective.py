@@ -1,0 +1,196 @@
+"""The loss is the paper's formula, computed with one batched call, and its gradients go where they should."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from dreamartist_ext.adapters import AdapterSpec, BranchAdapters
+from dreamartist_ext.embeddings import EmbeddingPair
+from dreamartist_ext.guidance import GuidanceSchedule
+from dreamartist_ext.model import NEG, POS, frozen
+from dreamartist_ext.objective import LossInputs, dreamartist_loss
+
+
+def _inputs(binding, batch=2, seed=0, pixels=False, weight=False):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 4, 8, 8, generator=g)
+    inputs = LossInputs(
+        latents=latents,
+        noise=torch.randn(latents.shape, generator=g),
+        timesteps=torch.tensor([17, 640, 999, 300][:batch]),
+        positive_prompts=["a photo of a red cube", "a drawing of a blue ball", "x", "y"][:batch],
+        negative_prompts=["a photo of a green cube", "a drawing of a cat", "z", "w"][:batch],
+    )
+    if pixels:
+        inputs.pixels = torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1
+    if weight:
+        inputs.latent_weight = torch.rand(batch, 1, 8, 8, generator=g)
+        inputs.pixel_weight = torch.rand(batch, 1, 64, 64, generator=g)
+    return inputs
+
+
+def _encode_by_hand(binding, prompts):
+    ids = binding.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                            return_tensors="pt").input_ids
+    return binding.text_encoder(ids)[0]
+
+
+def _eps_by_hand(binding, latents, t, prompts):
+    return binding.unet(latents, t, encoder_hidden_states=_encode_by_hand(binding, prompts)).sample
+
+
+@torch.no_grad()
+def test_loss_equals_the_formula_computed_by_hand(binding):
+    inputs = _inputs(binding)
+    guidance = GuidanceSchedule.parse("3")
+    terms = dreamartist_loss(binding, inputs, guidance=guidance)
+
+    a = binding.alphas_cumprod[inputs.timesteps].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * inputs.latents + (1 - a).sqrt() * inputs.noise
+    # two separate U-Net calls, one per branch: the batched call must agree
+    eps_n = _eps_by_hand(binding, z_t, inputs.timesteps, inputs.negative_prompts)
+    eps_p = _eps_by_hand(binding, z_t, inputs.timesteps, inputs.positive_prompts)
+    eps_hat = eps_n + 3.0 * (eps_p - eps_n)
+    expected = ((inputs.noise - eps_hat) ** 2).mean()
+    assert terms.reconstruction is None
+    torch.testing.assert_close(terms.total, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms.denoise, expected, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_reconstruction_and_weights_follow_the_formula(binding):
+    inputs = _inputs(binding, pixels=True, weight=True)
+    guidance = GuidanceSchedule.parse("1-5:cos2")
+    terms = dreamartist_loss(binding, inputs, guidance=guidance, reconstruction_weight=0.5)
+
+    t = inputs.timesteps
+    a = binding.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * inputs.latents + (1 - a).sqrt() * inputs.noise
+    g = (1 + 4 * (1 - torch.cos(math.pi * t.float() / 999)) / 2).view(-1, 1, 1, 1)
+    eps_n = _eps_by_hand(binding, z_t, t, inputs.negative_prompts)
+    eps_p = _eps_by_hand(binding, z_t, t, inputs.positive_prompts)
+    eps_hat = eps_n + g * (eps_p - eps_n)
+    w = inputs.latent_weight.expand(-1, 4, -1, -1)
+    mse = (((inputs.noise - eps_hat) ** 2 * w).sum((1, 2, 3)) / w.sum((1, 2, 3))).mean()
+    z0 = (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    decoded = binding.vae.decode(z0 / binding.latent_scale_factor).sample
+    pw = inputs.pixel_weight.expand(-1, 3, -1, -1)
+    rec = (((decoded - inputs.pixels).abs() * pw).sum((1, 2, 3)) / pw.sum((1, 2, 3))).mean()
+    torch.testing.assert_close(terms.denoise, mse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms.reconstruction, rec, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms.total, mse + 0.5 * rec, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_plain_textual_inversion_mode_uses_the_positive_branch_only(binding):
+    inputs = _inputs(binding)
+    inputs.negative_prompts = None
+    terms = dreamartist_loss(binding, inputs, guidance=GuidanceSchedule(1.0, 1.0))
+    a = binding.alphas_cumprod[inputs.timesteps].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * inputs.latents + (1 - a).sqrt() * inputs.noise
+    eps_p = _eps_by_hand(binding, z_t, inputs.timesteps, inputs.positive_prompts)
+    torch.testing.assert_close(terms.total, ((inputs.noise - eps_p) ** 2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_learned_words_are_injected_like_added_tokens(binding, tiny_model_dir):
+    """Our placeholder injection gives exactly what a tokenizer with real added tokens gives."""
+    vectors = torch.randn(3, binding.token_dim, generator=torch.Generator().manual_seed(3))
+    with binding.learned_words({"mycat": vectors}):
+        ours = binding.encode_prompts(["a photo of MyCat on grass"], [POS])
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    tokenizer.add_tokens(["<w0>", "<w1>", "<w2>"])
+    encoder = copy.deepcopy(binding.text_encoder)
+    encoder.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        for i in range(3):
+            encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(f"<w{i}>")] = vectors[i]
+    ids = tokenizer(["a photo of <w0><w1><w2> on grass"], padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+    expected = encoder(ids)[0]
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_exactly_the_trainable_tensors(binding):
+    pair = EmbeddingPair("cube", torch.randn(3, binding.token_dim) * 0.02, torch.randn(3, binding.token_dim) * 0.02)
+    pair = pair.trainable(binding.device)
+    specs = {part: {POS: AdapterSpec(2, 2.0), NEG: AdapterSpec(2, 2.0)} for part in ("unet", "te")}
+    inputs = _inputs(binding, pixels=True)
+    inputs.positive_prompts = ["a photo of cube", "cube on a table"]
+    inputs.negative_prompts = ["a photo of cube-neg", "cube-neg on a table"]
+    with frozen(binding.trainable_roots()), BranchAdapters(binding.adapter_sites(), specs,
+                                                           generator=torch.Generator().manual_seed(0)) as adapters:
+        binding.adapters = adapters
+        # B starts at zero (so A gets no gradient at init); give B values to see every adapter tensor learn
+        with torch.no_grad():
+            for branch in (POS, NEG):
+                for p in adapters.parameters(branch):
+                    if p.abs().sum() == 0:
+                        p.normal_(0, 0.01)
+        with binding.learned_words(pair.words()):
+            terms = dreamartist_loss(binding, inputs, guidance=GuidanceSchedule.parse("3"), reconstruction_weight=1)
+            terms.total.backward()
+        trainable = [pair.positive, pair.negative] + adapters.parameters(POS) + adapters.parameters(NEG)
+        for tensor in trainable:
+            assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+        trainable_ids = {id(t) for t in trainable}
+        for root in binding.trainable_roots():
+            for name, p in root.named_parameters():
+                if id(p) not in trainable_ids:
+                    assert p.grad is None, f"frozen parameter {name} got a gradient"
+        binding.adapters = None
+
+
+def test_reconstruction_gradient_reaches_the_embeddings(binding):
+    """The pixel term alone moves the embeddings: the decode keeps its graph (the old extension's bug)."""
+    pair = EmbeddingPair("cube", torch.randn(3, binding.token_dim), torch.randn(3, binding.token_dim)).trainable(
+        binding.device
+    )
+    inputs = _inputs(binding, batch=1, pixels=True)
+    inputs.timesteps = torch.tensor([200])
+    inputs.positive_prompts, inputs.negative_prompts = ["cube"], ["cube-neg"]
+    with frozen(binding.trainable_roots()), binding.learned_words(pair.words()):
+        terms = dreamartist_loss(binding, inputs, guidance=GuidanceSchedule.parse("3"), reconstruction_weight=1)
+        terms.reconstruction.backward()
+    assert pair.positive.grad is not None and pair.positive.grad.abs().sum() > 0
+    assert pair.negative.grad is not None and pair.negative.grad.abs().sum() > 0
+
+
+def test_micro_batches_add_up_to_one_big_batch(binding):
+    """Per-sample means averaged over the batch: k micro-batches of 1 (each loss / k) = one batch of k."""
+    pair = EmbeddingPair("cube", torch.randn(3, binding.token_dim), torch.randn(3, binding.token_dim))
+    guidance = GuidanceSchedule.parse("3")
+    inputs = _inputs(binding, batch=3, pixels=True, weight=True)
+    inputs.positive_prompts = ["cube", "a cube", "the cube"]
+    inputs.negative_prompts = ["cube-neg", "a cube-neg", "the cube-neg"]
+
+    def grads(batches):
+        p = pair.trainable(binding.device)
+        with frozen(binding.trainable_roots()), binding.learned_words(p.words()):
+            for part in batches:
+                terms = dreamartist_loss(binding, part, guidance=guidance, reconstruction_weight=0.7)
+                (terms.total / len(batches)).backward()
+        return p.positive.grad, p.negative.grad
+
+    def row(i):
+        return LossInputs(
+            latents=inputs.latents[i:i + 1], noise=inputs.noise[i:i + 1], timesteps=inputs.timesteps[i:i + 1],
+            positive_prompts=inputs.positive_prompts[i:i + 1], negative_prompts=inputs.negative_prompts[i:i + 1],
+            latent_weight=inputs.latent_weight[i:i + 1], pixels=inputs.pixels[i:i + 1],
+            pixel_weight=inputs.pixel_weight[i:i + 1],
+        )
+
+    whole = grads([inputs])
+    parts = grads([row(i) for i in range(3)])
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_reconstruction_needs_pixels(binding):
+    with pytest.raises(ValueError, match="reference pixels"):
+        dreamartist_loss(binding, _inputs(binding), guidance=GuidanceSchedule.parse("3"), reconstruction_weight=1)

@@ -1,0 +1,272 @@
+"""The training loop end to end on the tiny model: it learns, resumes exactly, stops cleanly, refuses bad input
+without writing anything, and hands the model back untouched."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dreamartist_ext import files
+from dreamartist_ext.config import TrainConfig
+from dreamartist_ext.data import ImageInputError
+from dreamartist_ext.guidance import GuidanceSchedule
+from dreamartist_ext.model import frozen
+from dreamartist_ext.names import InvalidNameError
+from dreamartist_ext.objective import LossInputs, dreamartist_loss
+from dreamartist_ext.trainer import OutputLayout, TrainCallbacks, Trainer, TrainingError
+from support import state_fingerprint, tree_snapshot, write_image
+
+
+def small_config(images, **overrides) -> TrainConfig:
+    values = dict(
+        name="cube", images=[str(p) for p in images], width=32, height=32, steps=6, save_every=0, preview_every=0,
+        unet_rank=2, text_rank=2, reconstruction_weight=0.5, embedding_lr="0.005", unet_lr="1e-3", text_lr="1e-3",
+        template="subject",
+    )
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def test_a_run_writes_the_pair_adapters_checkpoint_and_logs(binding, reference_image, tmp_path):
+    layout = OutputLayout.under(tmp_path / "out")
+    config = small_config([reference_image], steps=4, save_every=2)
+    result = Trainer(binding, config, layout).run()
+    assert result.status == "finished" and result.step == 4
+    vectors, meta = files.load_embedding(layout.embedding_path("cube"))
+    neg, neg_meta = files.load_embedding(layout.embedding_path("cube-neg"))
+    assert vectors.shape == (3, binding.token_dim) and neg.shape == (3, binding.token_dim)
+    assert meta["step"] == 4 and meta["role"] == "positive" and meta["partner"] == "cube-neg"
+    assert neg_meta["role"] == "negative" and neg_meta["partner"] == "cube"
+    assert meta["hyperparameters"]["guidance"] == "3" and meta["sd_checkpoint"] == binding.model_info().hash
+    sites = {s.kohya_prefix(p) for s in binding.adapter_sites() for p in s.module_paths}
+    for word in ("cube", "cube-neg"):
+        layers, lora_meta = files.load_lora(layout.lora_path(word))
+        assert set(layers) == sites  # every targeted layer, in the host's kohya naming
+        assert lora_meta["ss_network_dim"] == 2
+    assert sorted(p.name for p in layout.checkpoints_dir.iterdir()) == ["cube-000002.safetensors",
+                                                                         "cube-000004.safetensors"]
+    rows = files_rows = __import__("dreamartist_ext.logs", fromlist=["LossLog"]).LossLog(layout.loss_csv, ()).read()
+    assert [r["step"] for r in files_rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert layout.loss_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_falls_when_overfitting_one_image(binding, reference_image, tmp_path):
+    """Measured on a fixed evaluation set of (t, noise) draws the run never sees, before and after 100 steps.
+
+    A random tiny model cannot fit much (its noise prediction is mostly unexplainable); a working loop still
+    lowers the held-out loss by about 20 %."""
+    config = small_config([reference_image], steps=100, reconstruction_weight=0.0, embedding_lr="0.05",
+                          unet_lr="1e-2", template="none", latent_sampling="deterministic", unet_rank=4, text_rank=0)
+    trainer = Trainer(binding, config, OutputLayout.under(tmp_path / "out"))
+    trainer.prepare()
+    with torch.no_grad():
+        mean, _ = binding.encode_pixels(trainer.images[0].pixels.unsqueeze(0))
+    g = torch.Generator().manual_seed(123)
+    evaluation = LossInputs(
+        latents=mean.repeat(16, 1, 1, 1), noise=torch.randn(16, *mean.shape[1:], generator=g),
+        timesteps=torch.randint(0, 1000, (16,), generator=g),
+        positive_prompts=["cube"] * 16, negative_prompts=["cube-neg"] * 16,
+    )
+
+    def evaluate(words, adapters=None):
+        binding.adapters = adapters
+        try:
+            with torch.no_grad(), binding.learned_words(words):
+                return float(dreamartist_loss(binding, evaluation, guidance=GuidanceSchedule.parse("3")).total)
+        finally:
+            binding.adapters = None
+
+    from dreamartist_ext.embeddings import create_pair
+
+    initial = create_pair(binding, "cube", generator=torch.Generator().manual_seed(config.seed))
+    before = evaluate(initial.words())
+    result = trainer.run()
+    assert result.status == "finished"
+    from dreamartist_ext.concepts import load_concept
+    from dreamartist_ext.adapters import BranchAdapters
+
+    layout = OutputLayout.under(tmp_path / "out")
+    concept = load_concept("cube", layout.embeddings_dir, layout.lora_dir)
+    adapters = BranchAdapters.from_layers(binding.adapter_sites(), concept.adapters)
+    try:
+        after = evaluate(concept.words(), adapters)
+    finally:
+        adapters.detach()
+    assert after < 0.9 * before, (before, after)
+
+
+def test_resume_continues_bit_identically(binding, reference_image, tmp_path):
+    config = small_config([reference_image], steps=6, save_every=3, flip=True, latent_sampling="random",
+                          tag_dropout=0.3, reconstruction_scale=0.5)
+    straight = OutputLayout.under(tmp_path / "straight")
+    Trainer(binding, config, straight).run()
+    resumed = OutputLayout.under(tmp_path / "resumed")
+    partial = small_config([reference_image], steps=3, save_every=3, flip=True, latent_sampling="random",
+                           tag_dropout=0.3, reconstruction_scale=0.5)
+    Trainer(binding, partial, resumed).run()
+    checkpoint = resumed.checkpoints_dir / "cube-000003.safetensors"
+    result = Trainer(binding, config, resumed, resume=checkpoint).run()
+    assert result.step == 6
+    for word in ("cube", "cube-neg"):
+        a, _ = files.load_embedding(straight.embedding_path(word))
+        b, _ = files.load_embedding(resumed.embedding_path(word))
+        assert torch.equal(a, b)
+        la, _ = files.load_lora(straight.lora_path(word))
+        lb, _ = files.load_lora(resumed.lora_path(word))
+        assert all(torch.equal(la[k].down, lb[k].down) and torch.equal(la[k].up, lb[k].up) for k in la)
+    from dreamartist_ext.logs import LossLog
+
+    straight_rows = LossLog(straight.loss_csv, ()).read()
+    resumed_rows = LossLog(resumed.loss_csv, ()).read()
+    assert [r["loss"] for r in straight_rows] == [r["loss"] for r in resumed_rows]
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(binding, reference_image, tmp_path):
+    layout = OutputLayout.under(tmp_path / "out")
+    Trainer(binding, small_config([reference_image], steps=2, save_every=2), layout).run()
+    other = small_config([reference_image], steps=4, positive_vectors=5)
+    with pytest.raises(TrainingError, match="positive_vectors=3"):
+        Trainer(binding, other, layout, resume=layout.checkpoints_dir / "cube-000002.safetensors").run()
+
+
+def test_interrupt_stops_at_a_step_boundary_and_saves(binding, reference_image, tmp_path):
+    layout = OutputLayout.under(tmp_path / "out")
+    done = []
+    callbacks = TrainCallbacks(on_step=lambda r: done.append(r.step), should_stop=lambda: len(done) >= 3)
+    result = Trainer(binding, small_config([reference_image], steps=50), layout, callbacks=callbacks).run()
+    assert result.status == "interrupted" and result.step == 3
+    _, meta = files.load_embedding(layout.embedding_path("cube"))
+    assert meta["step"] == 3
+    assert (layout.checkpoints_dir / "cube-000003.safetensors").exists()
+
+
+def test_non_finite_steps_are_skipped_and_stop_the_run(binding, reference_image, tmp_path):
+    """An absurd learning rate blows the embeddings up; the guard skips, counts, stops, and saves finite files."""
+    layout = OutputLayout.under(tmp_path / "out")
+    config = small_config([reference_image], steps=30, embedding_lr="1e30", unet_rank=0, text_rank=0,
+                          max_bad_steps=3)
+    result = Trainer(binding, config, layout).run()
+    assert result.status == "diverged"
+    assert "not finite for 3 steps in a row" in result.message
+    from dreamartist_ext.logs import LossLog
+
+    rows = LossLog(layout.loss_csv, ()).read()
+    assert [r["skipped"] for r in rows][-3:] == [1.0, 1.0, 1.0]
+    for word in ("cube", "cube-neg"):
+        vectors, _ = files.load_embedding(layout.embedding_path(word))
+        assert torch.isfinite(vectors).all()
+
+
+def test_every_micro_batch_reaches_the_unet(binding, reference_image, tmp_path):
+    calls = []
+    handle = binding.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        config = small_config([reference_image], steps=2, gradient_accumulation=3, batch_size=2,
+                              reconstruction_weight=0)
+        Trainer(binding, config, OutputLayout.under(tmp_path / "out")).run()
+    finally:
+        handle.remove()
+    assert calls == [4] * 6  # 2 steps x 3 micro-batches, each one call with [neg; pos] x 2 images
+
+
+def test_previews_are_made_with_the_pair_in_place(binding, reference_image, tmp_path):
+    from dreamartist_ext.cli import _previewer
+
+    layout = OutputLayout.under(tmp_path / "out")
+    config = small_config([reference_image], steps=4, preview_every=2)
+    config.preview.steps, config.preview.count = 2, 2
+    seen = []
+    callbacks = TrainCallbacks(preview=_previewer(binding, config), on_preview=lambda s, p: seen.append((s, p)))
+    Trainer(binding, config, layout, callbacks=callbacks).run()
+    assert [s for s, _ in seen] == [2, 4]
+    assert all(p.exists() for _, paths in seen for p in paths) and len(seen[0][1]) == 2
+
+
+def test_the_model_comes_back_exactly_even_when_a_run_fails(binding, reference_image, tmp_path):
+    before = [state_fingerprint(r) for r in binding.trainable_roots()]
+
+    def explode():
+        raise RuntimeError("boom")
+
+    callbacks = TrainCallbacks(on_step=lambda r: explode() if r.step == 2 else None)
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer(binding, small_config([reference_image]), OutputLayout.under(tmp_path / "a"),
+                callbacks=callbacks).run()
+    assert [state_fingerprint(r) for r in binding.trainable_roots()] == before
+    assert binding.adapters is None and binding._words == {}
+    Trainer(binding, small_config([reference_image], steps=2), OutputLayout.under(tmp_path / "b")).run()
+    assert [state_fingerprint(r) for r in binding.trainable_roots()] == before
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(name="../evil"), TrainingError, "path separator|'/'"),
+        (dict(name="cat-neg"), TrainingError, "-neg"),
+        (dict(guidance="3+eval('1')"), TrainingError, "guidance"),
+        (dict(embedding_lr="0.005:100, fast"), TrainingError, "learning rate"),
+        (dict(width=40), TrainingError, "multiple of 16"),
+        (dict(steps=0), TrainingError, "steps"),
+        (dict(template="no-such-template"), ValueError, "no-such-template"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(binding, reference_image, tmp_path, change, error,
+                                                            message):
+    layout = OutputLayout.under(tmp_path / "out")
+    with pytest.raises(error, match=message):
+        Trainer(binding, small_config([reference_image], **change), layout).run()
+    assert tree_snapshot(tmp_path / "out") == {}
+
+
+def test_a_bad_image_among_good_ones_stops_everything(binding, reference_image, tmp_path):
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes(reference_image.read_bytes()[:200])
+    layout = OutputLayout.under(tmp_path / "out")
+    with pytest.raises(ImageInputError, match="broken.png"):
+        Trainer(binding, small_config([reference_image, broken]), layout).run()
+    assert tree_snapshot(tmp_path / "out") == {}
+
+
+def test_an_existing_pair_is_never_overwritten_by_accident(binding, reference_image, tmp_path):
+    layout = OutputLayout.under(tmp_path / "out")
+    Trainer(binding, small_config([reference_image], steps=2), layout).run()
+    snapshot = tree_snapshot(tmp_path / "out")
+    with pytest.raises(TrainingError, match="already exists"):
+        Trainer(binding, small_config([reference_image], steps=2), layout).run()
+    assert tree_snapshot(tmp_path / "out") == snapshot
+    # continuing starts from the saved vectors, adapters and step
+    result = Trainer(binding, small_config([reference_image], steps=3), layout, continue_existing=True).run()
+    assert result.step == 3
+    result = Trainer(binding, small_config([reference_image], steps=1), layout, overwrite=True).run()
+    assert result.step == 1
+
+
+def test_plain_textual_inversion_mode_writes_no_negative(binding, reference_image, tmp_path):
+    layout = OutputLayout.under(tmp_path / "out")
+    config = small_config([reference_image], steps=2, use_negative=False, unet_rank=0, text_rank=0,
+                          reconstruction_weight=0)
+    Trainer(binding, config, layout).run()
+    assert layout.embedding_path("cube").exists() and not layout.embedding_path("cube-neg").exists()
+
+
+def test_alpha_weighted_images_train(binding, tmp_path):
+    image = write_image(tmp_path / "images" / "cut.png", mode="RGBA")
+    from PIL import Image
+
+    rgba = Image.open(image)
+    alpha = Image.new("L", rgba.size, 0)
+    alpha.paste(255, (16, 16, 48, 48))
+    rgba.putalpha(alpha)
+    rgba.save(image)
+    result = Trainer(binding, small_config([image], steps=2), OutputLayout.under(tmp_path / "out")).run()
+    assert result.status == "finished" and math.isfinite(result.last_values["loss"])
+
+
+def test_frozen_restores_requires_grad_flags(binding):
+    binding.unet.conv_in.weight.requires_grad_(True)
+    binding.vae.encoder.conv_in.weight.requires_grad_(False)
+    with frozen(binding.trainable_roots()):
+        assert not any(p.requires_grad for r in binding.trainable_roots() for p in r.parameters())
+    assert binding.unet.conv_in.weight.requires_grad and not binding.vae.encoder.conv_in.weight.requires_grad
