@@ -148,6 +148,10 @@ class DiffusionBinding(abc.ABC):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Trade compute for memory in the U-Net (and the VAE decoder where supported)."""
 
+    def training_context(self) -> contextlib.AbstractContextManager:
+        """Whatever the host needs around a training run (entered once, after freezing)."""
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
     def model_info(self) -> ModelInfo: ...
 

@@ -276,9 +276,12 @@ class Trainer:
             if not cuda:
                 raise TrainingError("fp16 training needs a CUDA GPU; use fp32 or bf16 on the CPU")
             return torch.float16
-        if choice == "bf16" or (cuda and torch.cuda.is_bf16_supported()):
+        if choice == "bf16":
             return torch.bfloat16
-        return torch.float16
+        # auto on CUDA: match half-precision weights (no casts per op); otherwise bf16 where the GPU has it
+        if self.binding.dtype == torch.float16 or not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
 
     # ---- the run --------------------------------------------------------------------------------------------
 
@@ -294,6 +297,7 @@ class Trainer:
         self.pair = self.pair.trainable(binding.device)
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen(binding.trainable_roots()))
+            stack.enter_context(binding.training_context())
             if config.uses_adapters:
                 self.adapters = stack.enter_context(self._make_adapters())
                 for branch, layers in (self._initial_adapters or {}).items():

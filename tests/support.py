@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 
-def write_image(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:
-    """A smooth random-colour picture (gradients + blobs): something a model can fit."""
+def make_image(size=(64, 64), seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth random-colour picture (tanh gradients): something a model can fit."""
     generator = torch.Generator().manual_seed(seed)
-    h, w = size[1], size[0]
+    w, h = size
     ys = torch.linspace(-1, 1, h).view(h, 1)
     xs = torch.linspace(-1, 1, w).view(1, w)
     channels = []
@@ -20,10 +20,12 @@ def write_image(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> 
         channels.append(torch.tanh(2 * a * xs + 2 * b * ys + c))
     pixels = ((torch.stack(channels, -1) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     image = Image.fromarray(pixels, "RGB")
-    if mode != "RGB":
-        image = image.convert(mode)
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def write_image(path: Path, size=(64, 64), seed: int = 0, mode: str = "RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    make_image(size, seed, mode).save(path)
     return path
 
 
