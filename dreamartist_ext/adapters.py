@@ -204,6 +204,19 @@ class BranchAdapters:
             raise ValueError(f"unknown branch {sorted(unknown)}; expected {BRANCHES}")
         self._rows[part] = list(branches)
 
+    def routing_state(self) -> dict[str, list[str] | None]:
+        """The current routing of every part (gradient checkpointing replays a block with it)."""
+        return {part: (list(rows) if rows is not None else None) for part, rows in self._rows.items()}
+
+    @contextlib.contextmanager
+    def restored_routing(self, state: Mapping[str, list[str] | None]) -> Iterator[None]:
+        previous = self._rows
+        self._rows = {part: state.get(part) for part in previous}
+        try:
+            yield
+        finally:
+            self._rows = previous
+
     @contextlib.contextmanager
     def routed(self, part: str, branches: Sequence[str] | None) -> Iterator[None]:
         previous = self._rows.get(part)

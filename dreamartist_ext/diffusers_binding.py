@@ -230,15 +230,12 @@ class DiffusersBinding(DiffusionBinding):
     def trainable_roots(self) -> list[nn.Module]:
         return [self.unet, self.vae, self.text_encoder]
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        # diffusers checkpoints only in training mode; SD has no dropout, so train() changes nothing else.
-        for module in (self.unet, self.vae):
-            if enabled:
-                module.enable_gradient_checkpointing()
-                module.train()
-            else:
-                module.disable_gradient_checkpointing()
-                module.eval()
+    def checkpointed_modules(self) -> list[nn.Module]:
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        blocks = [m for m in self.unet.modules() if isinstance(m, BasicTransformerBlock)]
+        return blocks + [m for m in self.vae.decoder.modules() if isinstance(m, ResnetBlock2D)]
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(name=self._name, hash=self._hash)

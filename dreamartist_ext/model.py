@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 if TYPE_CHECKING:
@@ -145,8 +146,33 @@ class DiffusionBinding(abc.ABC):
     def trainable_roots(self) -> list[nn.Module]:
         """Every module whose parameters must stay frozen while training (they are restored afterwards)."""
 
+    def checkpointed_modules(self) -> list[nn.Module]:
+        """Blocks whose activations gradient checkpointing recomputes instead of storing."""
+        return []
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Trade compute for memory in the U-Net (and the VAE decoder where supported)."""
+        """Trade compute for memory: recompute :meth:`checkpointed_modules` in the backward pass.
+
+        Non-reentrant checkpointing works with frozen inputs; the replay restores the adapter routing of the
+        original call (the routing context has ended by the time backward runs)."""
+        for module in self.checkpointed_modules():
+            if not enabled:
+                module.__dict__.pop("forward", None)
+                continue
+            original = module.forward
+
+            def forward(*args, _original=original, **kwargs):
+                routing = self.adapters.routing_state() if self.adapters is not None else None
+
+                def replay(*a, **k):
+                    if routing is None:
+                        return _original(*a, **k)
+                    with self.adapters.restored_routing(routing):
+                        return _original(*a, **k)
+
+                return torch.utils.checkpoint.checkpoint(replay, *args, use_reentrant=False, **kwargs)
+
+            module.forward = forward
 
     def training_context(self) -> contextlib.AbstractContextManager:
         """Whatever the host needs around a training run (entered once, after freezing)."""

@@ -33,7 +33,7 @@ from .logs import LossLog, plot_losses
 from .losses import LossTerms, PerceptualLoss
 from .model import NEG, POS, DiffusionBinding, frozen
 from .objective import LossInputs, dreamartist_loss
-from .names import negative_name
+from .names import negative_name, validate_concept_name
 from .schedules import LearningRateSchedule
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,54 @@ class _Order:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.order, self.position = list(state["order"]), int(state["position"])
+
+
+# -- file metadata and step-0 pairs ----------------------------------------------------------------------------------
+
+
+def embedding_metadata(binding: DiffusionBinding, config: TrainConfig, role: str, step: int, *,
+                       adapters: bool) -> dict[str, Any]:
+    """What every embedding/LoRA file we write says about itself (safetensors header)."""
+    info = binding.model_info()
+    name = config.name
+    return {
+        "name": name if role == "positive" else negative_name(name),
+        "role": role,
+        "partner": negative_name(name) if role == "positive" else name,
+        "step": step,
+        "sd_checkpoint": info.hash,
+        "sd_checkpoint_name": info.name,
+        "architecture": info.architecture,
+        "hyperparameters": config.hyperparameters(),
+        "dreamartist_version": __version__,
+        "adapters": adapters,
+    }
+
+
+def create_pair_files(binding: DiffusionBinding, config: TrainConfig, layout: OutputLayout, *,
+                      overwrite: bool = False) -> list[Path]:
+    """Write a fresh step-0 pair (the WebUI's "create" step); training later continues from these files."""
+    try:
+        validate_concept_name(config.name)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    words = [config.name] + ([negative_name(config.name)] if config.use_negative else [])
+    existing = [layout.embedding_path(w) for w in words if layout.embedding_path(w).exists()]
+    if existing and not overwrite:
+        raise TrainingError(f"{existing[0].name} already exists in {existing[0].parent}; choose another name or "
+                            f"overwrite it")
+    pair = create_pair(
+        binding, config.name, init_text=config.init_text, positive_vectors=config.positive_vectors,
+        negative_vectors=config.negative_vectors, negative_noise=config.negative_noise,
+        with_negative=config.use_negative, generator=torch.Generator().manual_seed(config.seed),
+    )
+    layout.embeddings_dir.mkdir(parents=True, exist_ok=True)
+    written = [files.save_embedding(layout.embedding_path(config.name), pair.positive,
+                                    embedding_metadata(binding, config, "positive", 0, adapters=False))]
+    if pair.negative is not None:
+        written.append(files.save_embedding(layout.embedding_path(negative_name(config.name)), pair.negative,
+                                            embedding_metadata(binding, config, "negative", 0, adapters=False)))
+    return written
 
 
 # -- the trainer --------------------------------------------------------------------------------------------------
@@ -542,20 +590,7 @@ class Trainer:
     # ---- saving, previews, resuming ---------------------------------------------------------------------------
 
     def _metadata(self, role: str) -> dict[str, Any]:
-        info = self.binding.model_info()
-        name = self.config.name
-        return {
-            "name": name if role == "positive" else negative_name(name),
-            "role": role,
-            "partner": negative_name(name) if role == "positive" else name,
-            "step": self.step,
-            "sd_checkpoint": info.hash,
-            "sd_checkpoint_name": info.name,
-            "architecture": info.architecture,
-            "hyperparameters": self.config.hyperparameters(),
-            "dreamartist_version": __version__,
-            "adapters": bool(self.adapters is not None),
-        }
+        return embedding_metadata(self.binding, self.config, role, self.step, adapters=self.adapters is not None)
 
     def _save(self, *, intermediate: bool) -> list[Path]:
         """Write the pair, the adapters, a checkpoint and the plot; returns the paths written."""

@@ -170,21 +170,9 @@ class WebuiBinding(DiffusionBinding):
             if released:
                 log.info("DreamArtist: LoRA networks of the previous generation will be re-applied when asked for")
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Checkpoint each transformer block (non-reentrant, so it works with frozen inputs)."""
-        from torch.utils.checkpoint import checkpoint
-
+    def checkpointed_modules(self) -> list[nn.Module]:
         blocks = [m for m in self.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
-        for block in blocks:
-            if enabled:
-                original = block.forward
-
-                def forward(*args, _original=original, **kwargs):
-                    return checkpoint(_original, *args, use_reentrant=False, **kwargs)
-
-                block.forward = forward
-            else:
-                block.__dict__.pop("forward", None)
+        return blocks + [m for m in self.vae.decoder.modules() if type(m).__name__ == "ResnetBlock"]
 
     def model_info(self) -> ModelInfo:
         info = getattr(self.sd_model, "sd_checkpoint_info", None)

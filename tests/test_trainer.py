@@ -270,3 +270,24 @@ def test_frozen_restores_requires_grad_flags(binding):
     with frozen(binding.trainable_roots()):
         assert not any(p.requires_grad for r in binding.trainable_roots() for p in r.parameters())
     assert binding.unet.conv_in.weight.requires_grad and not binding.vae.encoder.conv_in.weight.requires_grad
+
+
+def test_a_created_pair_is_what_training_continues_from(binding, reference_image, tmp_path):
+    from dreamartist_ext.trainer import create_pair_files
+
+    layout = OutputLayout.under(tmp_path / "out")
+    config = small_config([reference_image], steps=2, init_text="red cube", negative_vectors=6)
+    written = create_pair_files(binding, config, layout)
+    assert [p.name for p in written] == ["cube.safetensors", "cube-neg.safetensors"]
+    vectors, meta = files.load_embedding(written[0])
+    neg, _ = files.load_embedding(written[1])
+    assert meta["step"] == 0 and neg.shape == (6, binding.token_dim)
+    # spread over the tokens of the init text
+    tokens = binding.token_vectors("red cube")
+    assert torch.equal(vectors, tokens[[i * tokens.shape[0] // 3 for i in range(3)]])
+    # the negative starts at the empty text plus small noise
+    assert (neg - binding.end_token_vector()).abs().max() < 0.01
+    with pytest.raises(TrainingError, match="already exists"):
+        create_pair_files(binding, config, layout)
+    result = Trainer(binding, config, layout, continue_existing=True).run()
+    assert result.step == 2
