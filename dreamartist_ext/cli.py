@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="make images with learned concepts")
     gen.add_argument("--model", required=False, help="as for train")
     gen.add_argument("--config", help="as for train")
-    gen.add_argument("--demo", action="store_true", help="use the demo's tiny model and concept")
+    gen.add_argument("--demo", action="store_true",
+                     help="use the demo's tiny model and concept (from --concepts, default demo-out)")
     gen.add_argument("--concepts", help="folder holding embeddings/ and lora/ (a train --out folder)")
     gen.add_argument("--prompt", help="positive prompt; learned words in it are recognised")
     gen.add_argument("--negative", default="", help="negative prompt; NAME-neg is added for every learned NAME used")
@@ -223,7 +225,7 @@ def run_train(args: argparse.Namespace) -> int:
     if previews:
         print(f"  {len(previews)} preview images in {layout.previews_dir}")
     if args.demo:
-        print(f"\nnext: python -m dreamartist_ext generate --demo --out {out / 'generated'}")
+        print(f"\nnext: python -m dreamartist_ext generate --demo --concepts {out} --out {out / 'generated'}")
     return 0 if result.status != "diverged" else 1
 
 
@@ -254,8 +256,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from .trainer import OutputLayout
 
     if args.demo:
-        root = Path("demo-out")
-        model_path, concepts_root = root / "tiny-model", root
+        root = Path(args.concepts or "demo-out")
+        model_path, concepts_root = Path(args.model) if args.model else root / "tiny-model", root
         prompt = args.prompt or f"a picture of {DEMO_NAME}"
         width = args.width or 64
         height = args.height or 64
@@ -267,8 +269,6 @@ def run_generate(args: argparse.Namespace) -> int:
         width, height = args.width or 512, args.height or 512
     layout = OutputLayout.under(concepts_root)
     known = {c.name.lower(): c.name for c in list_concepts(layout.embeddings_dir, layout.lora_dir)}
-    import re
-
     used = [known[w.lower()] for w in re.findall(r"[\w.\-]+", prompt) if w.lower() in known]
     used = list(dict.fromkeys(used))
     if not used:
