@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from . import __version__, files
 from .adapters import AdapterSpec, BranchAdapters
 from .config import ConfigError, TrainConfig
-from .data import ImageInputError, TrainImage, load_templates, load_training_images, render_prompt, resolve_template
+from .data import TrainImage, load_templates, load_training_images, render_prompt, resolve_template
 from .embeddings import EmbeddingPair, create_pair
 from .logs import LossLog, plot_losses
-from .losses import LossTerms, PerceptualLoss
+from .losses import LossTerms, PerceptualLoss, PerceptualLossUnavailable
 from .model import NEG, POS, DiffusionBinding, frozen
 from .objective import LossInputs, dreamartist_loss
 from .names import negative_name, validate_concept_name
@@ -258,7 +258,10 @@ class Trainer:
         template_path = resolve_template(config.template, self.template_dirs)
         self.templates = load_templates(template_path)
         if config.uses_reconstruction and config.perceptual_weight > 0:
-            self.perceptual = PerceptualLoss(self.binding.device, random_trunk=config.perceptual_random_trunk)
+            try:
+                self.perceptual = PerceptualLoss(self.binding.device, random_trunk=config.perceptual_random_trunk)
+            except PerceptualLossUnavailable as error:
+                raise TrainingError(str(error)) from None
         if self.resume is not None:
             self._checkpoint = self._read_checkpoint(self.resume)
         else:

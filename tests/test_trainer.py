@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from dreamartist_ext import files
+from dreamartist_ext.adapters import BranchAdapters
+from dreamartist_ext.concepts import load_concept
 from dreamartist_ext.config import TrainConfig
 from dreamartist_ext.data import ImageInputError
+from dreamartist_ext.embeddings import create_pair
 from dreamartist_ext.guidance import GuidanceSchedule
+from dreamartist_ext.logs import LossLog
 from dreamartist_ext.model import frozen
-from dreamartist_ext.names import InvalidNameError
 from dreamartist_ext.objective import LossInputs, dreamartist_loss
-from dreamartist_ext.trainer import OutputLayout, TrainCallbacks, Trainer, TrainingError
+from dreamartist_ext.trainer import OutputLayout, TrainCallbacks, Trainer, TrainingError, create_pair_files
 from support import state_fingerprint, tree_snapshot, write_image
 
 
@@ -47,8 +50,8 @@ def test_a_run_writes_the_pair_adapters_checkpoint_and_logs(binding, reference_i
         assert lora_meta["ss_network_dim"] == 2
     assert sorted(p.name for p in layout.checkpoints_dir.iterdir()) == ["cube-000002.safetensors",
                                                                          "cube-000004.safetensors"]
-    rows = files_rows = __import__("dreamartist_ext.logs", fromlist=["LossLog"]).LossLog(layout.loss_csv, ()).read()
-    assert [r["step"] for r in files_rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    rows = LossLog(layout.loss_csv, ()).read()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
     assert layout.loss_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -78,15 +81,10 @@ def test_loss_falls_when_overfitting_one_image(binding, reference_image, tmp_pat
         finally:
             binding.adapters = None
 
-    from dreamartist_ext.embeddings import create_pair
-
     initial = create_pair(binding, "cube", generator=torch.Generator().manual_seed(config.seed))
     before = evaluate(initial.words())
     result = trainer.run()
     assert result.status == "finished"
-    from dreamartist_ext.concepts import load_concept
-    from dreamartist_ext.adapters import BranchAdapters
-
     layout = OutputLayout.under(tmp_path / "out")
     concept = load_concept("cube", layout.embeddings_dir, layout.lora_dir)
     adapters = BranchAdapters.from_layers(binding.adapter_sites(), concept.adapters)
@@ -116,8 +114,6 @@ def test_resume_continues_bit_identically(binding, reference_image, tmp_path):
         la, _ = files.load_lora(straight.lora_path(word))
         lb, _ = files.load_lora(resumed.lora_path(word))
         assert all(torch.equal(la[k].down, lb[k].down) and torch.equal(la[k].up, lb[k].up) for k in la)
-    from dreamartist_ext.logs import LossLog
-
     straight_rows = LossLog(straight.loss_csv, ()).read()
     resumed_rows = LossLog(resumed.loss_csv, ()).read()
     assert [r["loss"] for r in straight_rows] == [r["loss"] for r in resumed_rows]
@@ -150,8 +146,6 @@ def test_non_finite_steps_are_skipped_and_stop_the_run(binding, reference_image,
     result = Trainer(binding, config, layout).run()
     assert result.status == "diverged"
     assert "not finite for 3 steps in a row" in result.message
-    from dreamartist_ext.logs import LossLog
-
     rows = LossLog(layout.loss_csv, ()).read()
     assert [r["skipped"] for r in rows][-3:] == [1.0, 1.0, 1.0]
     for word in ("cube", "cube-neg"):
@@ -273,8 +267,6 @@ def test_frozen_restores_requires_grad_flags(binding):
 
 
 def test_a_created_pair_is_what_training_continues_from(binding, reference_image, tmp_path):
-    from dreamartist_ext.trainer import create_pair_files
-
     layout = OutputLayout.under(tmp_path / "out")
     config = small_config([reference_image], steps=2, init_text="red cube", negative_vectors=6)
     written = create_pair_files(binding, config, layout)
