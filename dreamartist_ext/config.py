@@ -116,7 +116,11 @@ class TrainConfig:
             raise
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        if not isinstance(self.preview, PreviewConfig):
+            raise ConfigError("option 'preview' must be an object of preview settings")
         checks = [
+            (len(self.adam_betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                               for b in self.adam_betas), "adam_betas must be two numbers in [0, 1)"),
             (1 <= self.positive_vectors <= 75, "positive vectors must be between 1 and 75"),
             (1 <= self.negative_vectors <= 75, "negative vectors must be between 1 and 75"),
             (self.negative_noise >= 0, "negative init noise must be >= 0"),
@@ -167,6 +171,8 @@ class TrainConfig:
                 raise ConfigError(f"unknown preview option(s): {', '.join(bad)}")
             values["preview"] = PreviewConfig(**values["preview"])
         if "adam_betas" in values:
+            if not isinstance(values["adam_betas"], (list, tuple)):
+                raise ConfigError("adam_betas must be two numbers in [0, 1)")
             values["adam_betas"] = tuple(values["adam_betas"])
         _check_types(cls, values)
         if isinstance(values.get("preview"), PreviewConfig):
@@ -185,6 +191,7 @@ class TrainConfig:
 
 
 _SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false"}
 
 
 def _check_types(cls, values: dict[str, Any]) -> None:
@@ -196,6 +203,6 @@ def _check_types(cls, values: dict[str, Any]) -> None:
         value = values[f.name]
         wrong_bool = isinstance(value, bool) and f.type != "bool"
         if wrong_bool or not isinstance(value, expected):
-            raise ConfigError(f"option {f.name!r} must be a {f.type}, got {value!r}")
+            raise ConfigError(f"option {f.name!r} must be {_TYPE_WORDS[str(f.type)]}, got {value!r}")
         if f.type == "float":
             values[f.name] = float(value)

@@ -14,6 +14,7 @@ Nothing is written before every input has been checked, and the model is handed 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -289,7 +290,12 @@ class Trainer:
                 vectors[word], meta = files.load_embedding(path)
                 if word == config.name:
                     self.step = int(meta.get("step", 0) or 0)
-            self.pair = EmbeddingPair(config.name, vectors[config.name], vectors.get(negative_name(config.name)))
+            negative = vectors.get(negative_name(config.name))
+            self.pair = EmbeddingPair(config.name, vectors[config.name], negative)
+            # the saved pair decides the vector counts (the metadata must describe what is written)
+            self.config = config = dataclasses.replace(
+                config, positive_vectors=self.pair.positive.shape[0],
+                negative_vectors=negative.shape[0] if negative is not None else config.negative_vectors)
             if self.pair.positive.shape[1] != self.binding.token_dim:
                 raise TrainingError(
                     f"{config.name} has {self.pair.positive.shape[1]}-wide vectors; this model needs "

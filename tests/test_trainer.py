@@ -283,3 +283,12 @@ def test_a_created_pair_is_what_training_continues_from(binding, reference_image
         create_pair_files(binding, config, layout)
     result = Trainer(binding, config, layout, continue_existing=True).run()
     assert result.step == 2
+
+
+def test_continuing_records_the_saved_pairs_vector_counts(binding, reference_image, tmp_path):
+    layout = OutputLayout.under(tmp_path / "out")
+    create_pair_files(binding, small_config([reference_image], positive_vectors=2, negative_vectors=5), layout)
+    Trainer(binding, small_config([reference_image], steps=1), layout, continue_existing=True).run()
+    vectors, meta = files.load_embedding(layout.embedding_path("cube"))
+    assert vectors.shape[0] == 2 and meta["hyperparameters"]["positive_vectors"] == 2
+    assert meta["hyperparameters"]["negative_vectors"] == 5

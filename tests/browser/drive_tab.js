@@ -1,0 +1,208 @@
+// Drives the DreamArtist tab of a running WebUI in headless Chromium; called by tests/integration/test_ui_browser.py.
+//
+//   node drive_tab.js '<json>'   with {url, image, outputDir, name, interruptName, pairName, userDataDir, chromium,
+//                                       steps, size, previewEvery, timeoutMs}
+//
+// Prints one JSON line with what it saw (progress texts, statuses, gallery/plot, page errors); the Python
+// test makes the assertions. Screenshots: <outputDir>/dreamartist-{before,progress,after,reloaded}.png.
+
+'use strict';
+
+const path = require('path');
+const { chromium } = require('playwright-core');
+
+const options = JSON.parse(process.argv[2]);
+const seen = { progressTexts: [], consoleErrors: [], pageErrors: [], steps: [] };
+
+function note(step) {
+    seen.steps.push(step);
+    process.stderr.write(`[drive_tab] ${step}\n`);
+}
+
+async function shot(page, label) {
+    const file = path.join(options.outputDir, `dreamartist-${label}.png`);
+    await page.screenshot({ path: file, fullPage: true });
+    note(`screenshot ${file}`);
+}
+
+async function openTab(page) {
+    await page.waitForSelector('#tabs > .tab-nav > button', { timeout: 120000 });
+    await page.locator('#tabs > .tab-nav > button', { hasText: /^\s*Train\s*$/ }).click();
+    await page.locator('#train_tabs > .tab-nav > button', { hasText: 'DreamArtist' }).click();
+    await page.waitForSelector('#dreamartist_tab', { state: 'visible' });
+    note('DreamArtist tab open');
+}
+
+async function fill(page, selector, value) {
+    const field = page.locator(`${selector} textarea, ${selector} input[type=number], ${selector} input[type=text]`).first();
+    await field.fill(String(value));
+    await field.press('Tab');  // commit (gradio reads number fields on blur)
+}
+
+async function openAccordion(page, id) {
+    const accordion = page.locator(`#${id}`);
+    if (await accordion.locator('.label-wrap.open').count() === 0) {
+        await accordion.locator('.label-wrap').first().click();
+    }
+}
+
+async function liveText(page) {
+    return (await page.locator('#dreamartist_progress .dreamartist-live').innerText()).trim();
+}
+
+async function train(page) {
+    await fill(page, '#dreamartist_name', options.name);
+    await page.locator('#dreamartist_uploads input[type=file]').setInputFiles(options.image);
+    await page.locator('#dreamartist_uploads', { hasText: path.basename(options.image) }).waitFor({ timeout: 30000 });
+    note('image uploaded');
+    await fill(page, '#dreamartist_width', options.size);
+    await fill(page, '#dreamartist_height', options.size);
+    await fill(page, '#dreamartist_steps', options.steps);
+    await openAccordion(page, 'dreamartist_preview_accordion');
+    await fill(page, '#dreamartist_preview_every', options.previewEvery);
+    await fill(page, '#dreamartist_preview_steps', 4);
+    await shot(page, 'before');
+
+    await page.locator('#dreamartist_train').click();
+    note('Train clicked');
+    const deadline = Date.now() + options.timeoutMs;
+    seen.livePreview = false;
+    while (Date.now() < deadline) {
+        const text = await liveText(page);
+        if (text && seen.progressTexts[seen.progressTexts.length - 1] !== text) {
+            seen.progressTexts.push(text);
+        }
+        // the host's live preview (shared.state.assign_current_image) over our gallery, after the first preview
+        if (!seen.livePreview && await page.locator('#dreamartist_gallery .livePreview img').count() > 0) {
+            seen.livePreview = true;
+            await shot(page, 'progress');
+        }
+        const summary = page.locator('#dreamartist_status .dreamartist-summary, #dreamartist_status .error');
+        if (await summary.count() > 0) break;
+        await page.waitForTimeout(200);
+    }
+    // the host removes its progress bar (and the live preview over the gallery) once the task is reported done
+    seen.status = await waitForSummary(page, 30000);
+    await page.locator('#dreamartist_gallery img').first().waitFor({ timeout: 30000 }).catch(() => {});
+    await page.locator('#dreamartist_loss_plot img').first().waitFor({ timeout: 30000 }).catch(() => {});
+    seen.galleryImages = await page.locator('#dreamartist_gallery .thumbnail-item img, #dreamartist_gallery .grid-wrap img').count();
+    seen.lossPlotShown = await page.locator('#dreamartist_loss_plot img').count() > 0;
+    seen.files = await page.locator('#dreamartist_files textarea').inputValue();
+    await shot(page, 'after');
+    // the run's checkpoints are offered for resuming
+    await openAccordion(page, 'dreamartist_resume_accordion');
+    await page.locator('#dreamartist_checkpoint input').click();
+    seen.checkpointChoices = await page.locator('#dreamartist_checkpoint ul li').allInnerTexts();
+    await page.keyboard.press('Escape');
+}
+
+async function waitForSummary(page, timeoutMs) {
+    await page.locator('#dreamartist_status .dreamartist-summary, #dreamartist_status .error').first()
+        .waitFor({ timeout: timeoutMs });
+    await page.locator('#dreamartist_results .progressDiv').waitFor({ state: 'detached', timeout: 30000 });
+    return (await page.locator('#dreamartist_status').first().innerText()).trim();
+}
+
+async function createPair(page) {
+    // "Create pair" writes the untrained pair; a second click without "Overwrite" must be refused in the tab
+    await fill(page, '#dreamartist_name', options.pairName);
+    await openAccordion(page, 'dreamartist_pair_accordion');
+    const status = page.locator('#dreamartist_status').first();
+    await page.locator('#dreamartist_create_pair').click();
+    await page.locator('#dreamartist_status .dreamartist-summary', { hasText: 'Created' }).first().waitFor({ timeout: 60000 });
+    seen.createStatus = (await status.innerText()).trim();
+    await page.locator('#dreamartist_create_pair').click();
+    await page.locator('#dreamartist_status .error').first().waitFor({ timeout: 60000 });
+    seen.createAgainStatus = (await status.innerText()).trim();
+    note('pair created');
+}
+
+async function interruptRun(page) {
+    // a long job, stopped with the tab's Interrupt button once it reports its first step
+    await fill(page, '#dreamartist_name', options.interruptName);
+    await page.locator('#dreamartist_uploads input[type=file]').setInputFiles(options.image);
+    await page.locator('#dreamartist_uploads', { hasText: path.basename(options.image) }).waitFor({ timeout: 30000 });
+    await fill(page, '#dreamartist_width', options.size);
+    await fill(page, '#dreamartist_height', options.size);
+    await fill(page, '#dreamartist_steps', 1000);
+    await openAccordion(page, 'dreamartist_preview_accordion');
+    await fill(page, '#dreamartist_preview_every', 0);
+    await page.locator('#dreamartist_train').click();
+    await page.locator('#dreamartist_progress .dreamartist-live', { hasText: /step [1-9]/i })
+        .waitFor({ timeout: options.timeoutMs });
+    await page.locator('#dreamartist_interrupt').click();
+    note('Interrupt clicked');
+    seen.interruptStatus = await waitForSummary(page, options.timeoutMs);
+}
+
+function formValues() {
+    // what each field of the tab shows: {elem_id: value} for text, number/slider and checkbox fields
+    const values = {};
+    for (const block of document.querySelectorAll('#dreamartist_tab .block[id^="dreamartist_"]')) {
+        const input = block.querySelector('input[type=checkbox], input[type=number], textarea, input[type=text]');
+        if (!input || block.classList.contains('gradio-dropdown')) continue;
+        values[block.id] = input.type === 'checkbox' ? input.checked : input.value;
+    }
+    return values;
+}
+
+function overflowing() {
+    // our elements whose box sticks out of the tab sideways (a layout bug)
+    const tab = document.getElementById('dreamartist_tab').getBoundingClientRect();
+    return [...document.querySelectorAll('#dreamartist_tab [id^="dreamartist_"]')]
+        .filter(e => e.offsetParent !== null)
+        .filter(e => { const r = e.getBoundingClientRect(); return r.left < tab.left - 1 || r.right > tab.right + 1; })
+        .map(e => e.id);
+}
+
+async function reloadUi(page) {
+    // Settings > "Reload UI" restarts the gradio app in the same process (script modules reloaded).
+    await page.locator('#tabs > .tab-nav > button', { hasText: /^\s*Settings\s*$/ }).click();
+    await page.locator('#settings_restart_gradio').click();
+    note('Reload UI clicked');
+    await page.waitForSelector('text=Reloading...', { timeout: 10000 }).catch(() => {});
+    await page.waitForLoadState('load');
+    await page.waitForSelector('#tabs > .tab-nav > button', { timeout: 180000 });
+    await openTab(page);
+    // A bad input must come back as a message in the tab: train without any image.
+    await fill(page, '#dreamartist_name', options.name);
+    await page.locator('#dreamartist_train').click();
+    const error = page.locator('#dreamartist_status .error');
+    await error.waitFor({ timeout: 60000 });
+    seen.errorAfterReload = (await error.innerText()).trim();
+    await createPair(page);
+    await interruptRun(page);
+    for (const id of await page.locator('#dreamartist_tab .gradio-accordion').evaluateAll(nodes => nodes.map(n => n.id))) {
+        await openAccordion(page, id);  // every option on one screenshot
+    }
+    seen.overflowing = await page.evaluate(overflowing);
+    await shot(page, 'reloaded');
+}
+
+(async () => {
+    const context = await chromium.launchPersistentContext(options.userDataDir, {
+        executablePath: options.chromium,
+        headless: true,
+        viewport: { width: 1600, height: 1000 },
+        args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+               '--disable-component-update', '--disable-sync'],
+    });
+    let exitCode = 0;
+    try {
+        const page = context.pages()[0] || await context.newPage();
+        page.on('console', message => { if (message.type() === 'error') seen.consoleErrors.push(message.text()); });
+        page.on('pageerror', error => seen.pageErrors.push(String(error)));
+        await page.goto(options.url, { waitUntil: 'load', timeout: 120000 });
+        await openTab(page);
+        seen.initialValues = await page.evaluate(formValues);
+        await train(page);
+        await reloadUi(page);
+    } catch (error) {
+        seen.failure = String(error && error.stack || error);
+        exitCode = 1;
+    } finally {
+        await context.close();
+    }
+    process.stdout.write(JSON.stringify(seen) + '\n');
+    process.exit(exitCode);
+})();
