@@ -78,6 +78,7 @@ class BranchAdapters:
                 plan.setdefault(part, {}).setdefault(path, {})[branch] = AdapterSpec(w.down.shape[0], w.alpha)
         adapters = cls.__new__(cls)
         adapters._init(sites, plan, None)
+        adapters._fresh_weights = False  # every weight is loaded below: skip drawing initial values
         adapters.attach()
         try:
             for branch, branch_layers in layers.items():
@@ -95,6 +96,7 @@ class BranchAdapters:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._rows: dict[str, list[str] | None] = {part: None for part in self.sites}
         self._saved_flags: list[tuple[nn.Parameter, bool]] = []
+        self._fresh_weights = True
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -131,10 +133,11 @@ class BranchAdapters:
             if spec is None:
                 continue
             if layer is None:
-                layer = LoraLinear(base, branch, r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=True)
+                layer = LoraLinear(base, branch, r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=False)
             else:
-                layer.update_layer(branch, spec.rank, spec.alpha, 0.0, init_lora_weights=True, use_rslora=False)
-            self._initialise(layer, branch)
+                layer.update_layer(branch, spec.rank, spec.alpha, 0.0, init_lora_weights=False, use_rslora=False)
+            if self._fresh_weights:
+                self._initialise(layer, branch)
         assert layer is not None
         layer.set_adapter([b for b in BRANCHES if b in layer.lora_A])
         # peft stores adapters in the base weight's dtype; optimiser state and updates need float32.

@@ -1,0 +1,55 @@
+"""Always-on "DreamArtist" section of txt2img/img2img: a learned word typed into the prompt gets its positive
+adapter on the positive branch and its negative adapter on the negative branch (dreamartist_ext.webui_inference
+does the work; this file only wires the host's callbacks)."""
+
+import logging
+
+import gradio as gr
+
+from modules import script_callbacks, scripts
+
+from dreamartist_ext import webui_inference
+
+log = logging.getLogger(__name__)
+
+
+class DreamArtistPrompts(scripts.Script):
+    def title(self):
+        return "DreamArtist"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        tab = "img2img" if is_img2img else "txt2img"
+        with gr.Accordion("DreamArtist", open=False, elem_id=f"{tab}_dreamartist"):
+            enabled = gr.Checkbox(value=True, label="Apply the adapters of learned words in the prompt",
+                                  elem_id=f"{tab}_dreamartist_enabled")
+            weight = gr.Slider(minimum=0.0, maximum=webui_inference.MAX_WEIGHT, step=0.05,
+                               value=webui_inference.default_weight(), label="Adapter weight",
+                               elem_id=f"{tab}_dreamartist_weight")
+            auto_negative = gr.Checkbox(value=webui_inference.default_auto_negative(),
+                                        label="Add name-neg to the negative prompt when missing",
+                                        elem_id=f"{tab}_dreamartist_auto_negative")
+        self.infotext_fields = [
+            (enabled, webui_inference.pasted_enabled),
+            (weight, webui_inference.pasted_weight),
+            (auto_negative, webui_inference.pasted_auto_negative),
+        ]
+        return [enabled, weight, auto_negative]
+
+    def process(self, p, enabled, weight, auto_negative):
+        try:
+            options = webui_inference.PromptOptions.from_args(enabled, weight, auto_negative)
+        except ValueError as error:
+            log.warning("%s; DreamArtist does nothing in this generation", error)
+            return
+        webui_inference.begin_generation(p, options)
+
+    def postprocess(self, p, processed, *args):
+        webui_inference.end_generation(p)
+
+
+script_callbacks.on_ui_settings(webui_inference.add_settings)
+script_callbacks.on_app_started(webui_inference.add_routes)
+script_callbacks.on_script_unloaded(webui_inference.unload)
