@@ -151,7 +151,7 @@ def _bad_train_requests(image_file: Path, data_dir: Path) -> list[tuple[str, dic
         ("no images", {"name": NAME, "images": [], "options": tiny_options()}, 400, "at least one image"),
         ("unknown option", train(stepz=3), 400, "unknown option(s): stepz"),
         ("lr schedule syntax", train(embedding_lr="0.005:abc"), 400, "embedding learning rate"),
-        ("steps 'abc'", train(steps="abc"), 400, "'steps' must be a int"),
+        ("steps 'abc'", train(steps="abc"), 400, "'steps' must be a whole number"),
         ("width not a multiple", train(width=60), 400, "width 60 must be a positive multiple"),
         ("unknown template", train(template="nope"), 400, "unknown prompt template"),
         ("bad adam betas", train(adam_betas=[0.9]), 400, "adam_betas"),
