@@ -1,6 +1,6 @@
 """Command line: ``python -m dreamartist_ext train|generate``.
 
-    train --demo                       tiny random model + the shipped sample image, whole pipeline, ~1 minute
+    train --demo                       tiny random model + the shipped sample image, whole pipeline (~20 s)
     train --model M --image I --name N --out DIR [options]
     generate --model M --concepts DIR --prompt "a photo of N on a beach" --out DIR
 """
@@ -56,7 +56,8 @@ HELP = {
     "negative_adapter_lr_scale": "multiplier on the negative adapters' learning rate",
     "seed": "seed of everything random in the run",
     "precision": "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
-    "gradient_checkpointing": "trade compute for memory",
+    "gradient_checkpointing": "trade compute for memory in the U-Net (the VAE decoder is always checkpointed for the "
+                              "reconstruction loss)",
     "reconstruction_scale": "decode the reconstruction from a random latent crop of this side fraction (1 = whole)",
     "save_every": "save the pair and a checkpoint every N steps (0 = only at the end)",
     "preview_every": "make preview images every N steps (0 = only at the end... and never if no preview)",
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="learn a concept from one (or a few) images")
     train.add_argument("--demo", action="store_true",
-                       help="tiny random model + shipped sample image: runs the whole pipeline in about a minute")
+                       help="tiny random model + shipped sample image: the whole pipeline in ~20 s on 2 CPU cores")
     train.add_argument("--model", help="diffusers folder, or a single-file .safetensors/.ckpt (then also --config)")
     train.add_argument("--config", help="for a single-file model: its LDM .yaml or a diffusers folder with configs")
     train.add_argument("--image", action="append", default=[], help="training image or folder (repeatable)")

@@ -91,7 +91,8 @@ class DiffusersBinding(DiffusionBinding):
         path = Path(model)
         if path.is_dir():
             if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
-                raise FileNotFoundError(f"{path} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
+                raise FileNotFoundError(
+                    f"{path} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
             kwargs = dict(torch_dtype=dtype, local_files_only=True)
             parts = dict(
                 unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
@@ -103,7 +104,8 @@ class DiffusersBinding(DiffusionBinding):
             fingerprint = _folder_fingerprint(path)
         elif path.is_file():
             if config is None:
-                raise ValueError(f"{path.name} is a single-file checkpoint: pass --config (its .yaml, or a diffusers folder)")
+                raise ValueError(
+                    f"{path.name} is a single-file checkpoint: pass --config (its .yaml, or a diffusers folder)")
             config = Path(config)
             extra = {"config": str(config)} if config.is_dir() else {"original_config": str(config)}
             pipe = StableDiffusionPipeline.from_single_file(
@@ -134,7 +136,8 @@ class DiffusersBinding(DiffusionBinding):
     def _install_words(self, vectors: Mapping[str, torch.Tensor]) -> None:
         for word, tensor in vectors.items():
             if tensor.dim() != 2 or tensor.shape[1] != self.token_dim:
-                raise ValueError(f"word {word!r} has shape {tuple(tensor.shape)}, this model needs [n, {self.token_dim}]")
+                raise ValueError(
+                    f"word {word!r} has shape {tuple(tensor.shape)}, this model needs [n, {self.token_dim}]")
         self._words.update(vectors)
         self._compile_word_pattern()
 
@@ -230,12 +233,12 @@ class DiffusersBinding(DiffusionBinding):
     def trainable_roots(self) -> list[nn.Module]:
         return [self.unet, self.vae, self.text_encoder]
 
-    def checkpointed_modules(self) -> list[nn.Module]:
+    def checkpointed_modules(self, part: str) -> list[nn.Module]:
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import ResnetBlock2D
 
-        blocks = [m for m in self.unet.modules() if isinstance(m, BasicTransformerBlock)]
-        return blocks + [m for m in self.vae.decoder.modules() if isinstance(m, ResnetBlock2D)]
+        root, block = (self.unet, BasicTransformerBlock) if part == "unet" else (self.vae.decoder, ResnetBlock2D)
+        return [m for m in root.modules() if isinstance(m, block)]
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(name=self._name, hash=self._hash)

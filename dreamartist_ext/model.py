@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 POS = "pos"
 NEG = "neg"
 BRANCHES = (POS, NEG)
+CHECKPOINTED_PARTS = ("unet", "decoder")
 
 
 class UnsupportedModelError(RuntimeError):
@@ -146,19 +147,22 @@ class DiffusionBinding(abc.ABC):
     def trainable_roots(self) -> list[nn.Module]:
         """Every module whose parameters must stay frozen while training (they are restored afterwards)."""
 
-    def checkpointed_modules(self) -> list[nn.Module]:
-        """Blocks whose activations gradient checkpointing recomputes instead of storing."""
+    def checkpointed_modules(self, part: str) -> list[nn.Module]:
+        """Blocks of ``part`` ("unet" or "decoder", the VAE decoder) that gradient checkpointing recomputes in the
+        backward pass instead of storing their activations."""
         return []
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Trade compute for memory: recompute :meth:`checkpointed_modules` in the backward pass.
+    def set_gradient_checkpointing(self, enabled: bool, parts: Sequence[str] = CHECKPOINTED_PARTS) -> None:
+        """Trade compute for memory: recompute the :meth:`checkpointed_modules` of ``parts`` in the backward pass.
 
         Non-reentrant checkpointing works with frozen inputs; the replay restores the adapter routing of the
         original call (the routing context has ended by the time backward runs)."""
-        for module in self.checkpointed_modules():
+        for module in (m for part in parts for m in self.checkpointed_modules(part)):
             if not enabled:
                 module.__dict__.pop("forward", None)
                 continue
+            if "forward" in module.__dict__:
+                continue  # already checkpointed
             original = module.forward
 
             def forward(*args, _original=original, **kwargs):

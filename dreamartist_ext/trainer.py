@@ -362,9 +362,13 @@ class Trainer:
                 binding.adapters = self.adapters
                 stack.callback(setattr, binding, "adapters", None)
             stack.enter_context(binding.learned_words(self.pair.words()))
-            if config.gradient_checkpointing:
-                binding.set_gradient_checkpointing(True)
-                stack.callback(binding.set_gradient_checkpointing, False)
+            # A decode with gradient keeps every full-resolution activation of the VAE decoder (about 10 GB at
+            # 512 px); recomputing them in backward costs little, so reconstruction always checkpoints the decoder.
+            parts = [part for part, wanted in (("unet", config.gradient_checkpointing),
+                                               ("decoder", config.uses_reconstruction)) if wanted]
+            if parts:
+                binding.set_gradient_checkpointing(True, parts)
+                stack.callback(binding.set_gradient_checkpointing, False, parts)
             self._cache = self._cache_images()
             self._order = _Order(len(self._cache))
             self._make_optimizer()

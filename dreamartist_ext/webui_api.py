@@ -142,6 +142,8 @@ class JobStatusModel(BaseModel):
     created_at: float
     model_restored: bool | None = Field(None, description="the model was left exactly as before the job "
                                                              "(known once the job has ended)")
+    attention: str | None = Field(None, description="the host's attention optimisation the training steps ran "
+                                                    "with (setting 'Attention while training')")
 
 
 class JobList(BaseModel):

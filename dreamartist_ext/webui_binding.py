@@ -162,17 +162,19 @@ class WebuiBinding(DiffusionBinding):
 
     @contextlib.contextmanager
     def training_context(self) -> Iterator[None]:
-        """The host model as training needs it: no LoRA left over from the last generation."""
+        """The host model as training needs it: no LoRA left over from the last generation, and an attention
+        implementation whose backward pass is fast (see :func:`training_attention`)."""
         released = _release_host_networks()
         try:
-            yield
+            with training_attention():
+                yield
         finally:
             if released:
                 log.info("DreamArtist: LoRA networks of the previous generation will be re-applied when asked for")
 
-    def checkpointed_modules(self) -> list[nn.Module]:
-        blocks = [m for m in self.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
-        return blocks + [m for m in self.vae.decoder.modules() if type(m).__name__ == "ResnetBlock"]
+    def checkpointed_modules(self, part: str) -> list[nn.Module]:
+        root, block = (self.unet, "BasicTransformerBlock") if part == "unet" else (self.vae.decoder, "ResnetBlock")
+        return [m for m in root.modules() if type(m).__name__ == block]
 
     def model_info(self) -> ModelInfo:
         info = getattr(self.sd_model, "sd_checkpoint_info", None)
@@ -182,6 +184,63 @@ class WebuiBinding(DiffusionBinding):
             with contextlib.suppress(Exception):
                 short = info.calculate_shorthash() or ""
         return ModelInfo(name=name, hash=short)
+
+
+SETTINGS_SECTION = ("dreamartist", "DreamArtist")
+TRAINING_ATTENTION_OPTION = "dreamartist_training_attention"
+TRAINING_ATTENTION_CHOICES = ("Automatic", "Host setting")
+# Host optimisations that train well as they are; the split ones (InvokeAI, Doggettx, sub-quadratic, V1) slice
+# attention in Python loops that the backward pass replays slice by slice.
+FAST_BACKWARD = ("xformers", "sdp", "sdp-no-mem")
+
+
+def attention_patches() -> tuple[tuple[str, str], ...]:
+    """The host's attention optimiser and the class-level forwards it patches (to check they come back)."""
+    import ldm.modules.attention
+    import ldm.modules.diffusionmodules.model
+    from modules import sd_hijack
+
+    optimizer = sd_hijack.current_optimizer
+    return (
+        ("optimizer", optimizer.name if optimizer is not None else "None"),
+        ("CrossAttention.forward", ldm.modules.attention.CrossAttention.forward.__qualname__),
+        ("AttnBlock.forward", ldm.modules.diffusionmodules.model.AttnBlock.forward.__qualname__),
+    )
+
+
+@contextlib.contextmanager
+def training_attention() -> Iterator[str | None]:
+    """Train with the host's own "sdp" optimisation (PyTorch scaled-dot-product attention) when the host runs a
+    split attention, then put the host's choice back.
+
+    The split optimisations save memory at inference but their backward is slow: on CPU (where the host picks
+    InvokeAI) a 512 px DreamArtist step takes ~1.7x longer with them than with sdp, at more memory. The setting
+    "Host setting" (or an optimiser already in FAST_BACKWARD, or attention optimisation turned off) keeps the
+    host's choice. Yields the name of the optimiser used for training."""
+    from modules import sd_hijack, shared
+
+    previous = sd_hijack.current_optimizer
+    wanted = shared.opts.data.get(TRAINING_ATTENTION_OPTION, TRAINING_ATTENTION_CHOICES[0])
+    sdp = next((o for o in sd_hijack.optimizers if o.name == "sdp"), None)
+    if wanted != "Automatic" or sdp is None or previous is None or previous.name in FAST_BACKWARD:
+        yield previous.name if previous is not None else None
+        return
+    sd_hijack.model_hijack.apply_optimizations(sdp.title())
+    try:
+        yield sdp.name
+    finally:
+        sd_hijack.model_hijack.apply_optimizations(previous.title())
+
+
+def add_settings() -> None:
+    import gradio as gr
+    from modules import shared
+
+    shared.opts.add_option(TRAINING_ATTENTION_OPTION, shared.OptionInfo(
+        TRAINING_ATTENTION_CHOICES[0], "Attention while training", gr.Radio,
+        {"choices": list(TRAINING_ATTENTION_CHOICES)}, section=SETTINGS_SECTION,
+    ).info("Automatic: PyTorch scaled dot product (the host's 'sdp') during training when the host uses a split "
+           "attention (InvokeAI, Doggettx, sub-quadratic, V1), whose backward pass is slow; put back afterwards"))
 
 
 def _release_host_networks() -> bool:

@@ -32,7 +32,7 @@ from . import prompt_words
 from .adapters import BranchAdapters
 from .model import NEG, POS, UnsupportedModelError
 from .names import negative_name
-from .webui_binding import WebuiBinding, check_supported, host_layout
+from .webui_binding import SETTINGS_SECTION, WebuiBinding, check_supported, host_layout
 
 log = logging.getLogger(__name__)
 
@@ -455,13 +455,12 @@ def add_settings() -> None:
     import gradio as gr
     from modules import shared
 
-    section = ("dreamartist", "DreamArtist")
     shared.opts.add_option(WEIGHT_OPTION, shared.OptionInfo(
         DEFAULT_WEIGHT, "Default weight of a learned word's adapters in prompts", gr.Slider,
-        {"minimum": 0.0, "maximum": MAX_WEIGHT, "step": 0.05}, section=section))
+        {"minimum": 0.0, "maximum": MAX_WEIGHT, "step": 0.05}, section=SETTINGS_SECTION))
     shared.opts.add_option(AUTO_NEGATIVE_OPTION, shared.OptionInfo(
         True, "Add name-neg to the negative prompt when a learned name is in the prompt (default of the "
-              "txt2img/img2img option)", section=section))
+              "txt2img/img2img option)", section=SETTINGS_SECTION))
 
 
 def pasted_enabled(params: Mapping[str, str]) -> bool | None:

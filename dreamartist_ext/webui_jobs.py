@@ -93,6 +93,7 @@ class JobStatus:
     finished_at: float | None = None
     name: str = ""
     model_restored: bool | None = None  # None until the job has ended
+    attention: str | None = None  # the host's attention optimisation the steps ran with
     created_at: float = field(default_factory=time.time)
 
     @property
@@ -162,10 +163,17 @@ def model_fingerprint(model: nn.Module) -> tuple:
     return tensors, modules
 
 
+def host_fingerprint(sd_model) -> tuple:
+    """:func:`model_fingerprint` plus the host's attention patches (training may switch them for its duration)."""
+    from .webui_binding import attention_patches
+
+    return (*model_fingerprint(sd_model), attention_patches())
+
+
 def fingerprint_difference(before: tuple, after: tuple, limit: int = 5) -> list[str]:
     """Names of what changed between two fingerprints (for the log), at most ``limit``."""
     changed = []
-    for part, label in ((0, "tensor"), (1, "module")):
+    for part, label in zip(range(min(len(before), len(after))), ("tensor", "module", "attention")):
         old = {entry[0]: entry for entry in before[part]}
         new = {entry[0]: entry for entry in after[part]}
         for name in sorted(set(old) | set(new)):
@@ -644,7 +652,7 @@ class JobManager:
                 return
             sd_model = shared.sd_model
             _settle_host_networks(sd_model)
-            before = model_fingerprint(sd_model)
+            before = host_fingerprint(sd_model)
             binding = WebuiBinding(sd_model)
             layout = host_layout(config.name)
             trainer = Trainer(binding, config, layout, callbacks=self._callbacks(job, layout),
@@ -676,9 +684,9 @@ class JobManager:
             refresh_host_lists()
         except Exception:
             errors.report("DreamArtist: could not refresh the embedding/LoRA lists after training", exc_info=True)
-        restored = None if before is None else model_fingerprint(sd_model) == before  # None: failed before it
+        restored = None if before is None else host_fingerprint(sd_model) == before  # None: failed before it
         if restored is False:
-            changed = ", ".join(fingerprint_difference(before, model_fingerprint(sd_model)))
+            changed = ", ".join(fingerprint_difference(before, host_fingerprint(sd_model)))
             log.error("DreamArtist: job %s did NOT leave the model as it found it (%s)", job.status.id, changed)
         plot = layout.loss_png if layout is not None and layout.loss_png.is_file() else None
         with self._lock:
@@ -699,9 +707,13 @@ class JobManager:
         from modules import shared
 
         def on_step(report: StepReport) -> None:
+            from modules import sd_hijack
+
             values = {**report.values, "lr": report.learning_rate}
             eta = report.eta_seconds if math.isfinite(report.eta_seconds) else None
+            optimizer = sd_hijack.current_optimizer
             self._update(job, step=report.step, total=report.total, values=values,
+                         attention=optimizer.name if optimizer is not None else "None",
                          steps_per_second=report.steps_per_second, eta_seconds=eta,
                          message=progress_text(report.step, report.total, values, report.steps_per_second, eta)
                          + (" · stopping" if job.cancel.is_set() else ""))

@@ -380,7 +380,7 @@ def _learning_section(form: TrainForm) -> None:
             form.number("max_bad_steps", "Stop after N non-finite steps", integer=True, minimum=1)
         with FormRow():
             form.dropdown("precision", "Precision", PRECISIONS, info="auto: bf16/fp16 autocast on a GPU, fp32 on CPU")
-            form.checkbox("gradient_checkpointing", "Gradient checkpointing (less memory, a bit slower)")
+            form.checkbox("gradient_checkpointing", "U-Net gradient checkpointing (less memory, a bit slower)")
 
 
 def _reconstruction_section(form: TrainForm) -> None:

@@ -138,6 +138,25 @@ def test_interrupt_stops_at_a_step_boundary_and_saves(binding, reference_image, 
     assert (layout.checkpoints_dir / "cube-000003.safetensors").exists()
 
 
+@pytest.mark.parametrize("reconstruction, checkpointing", [(0.5, False), (0.0, False), (0.0, True), (0.5, True)])
+def test_checkpointing_covers_the_decoder_whenever_reconstruction_decodes(binding, reference_image, tmp_path,
+                                                                          reconstruction, checkpointing):
+    """The decoder is recomputed in backward whenever the reconstruction loss decodes with gradient; the U-Net
+    only when asked; nothing stays patched afterwards."""
+    seen = []
+
+    def checkpointed(report):
+        seen.append({part: {"forward" in m.__dict__ for m in binding.checkpointed_modules(part)}
+                     for part in ("unet", "decoder")})
+
+    config = small_config([reference_image], steps=2, reconstruction_weight=reconstruction,
+                          gradient_checkpointing=checkpointing)
+    Trainer(binding, config, OutputLayout.under(tmp_path / "out"), callbacks=TrainCallbacks(on_step=checkpointed)).run()
+    assert binding.checkpointed_modules("unet") and binding.checkpointed_modules("decoder")
+    assert seen == [{"unet": {checkpointing}, "decoder": {reconstruction > 0}}] * 2
+    assert all("forward" not in m.__dict__ for part in ("unet", "decoder") for m in binding.checkpointed_modules(part))
+
+
 def test_non_finite_steps_are_skipped_and_stop_the_run(binding, reference_image, tmp_path):
     """An absurd learning rate blows the embeddings up; the guard skips, counts, stops, and saves finite files."""
     layout = OutputLayout.under(tmp_path / "out")

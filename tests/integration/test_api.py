@@ -191,6 +191,7 @@ def test_bad_requests_are_4xx_with_a_message_and_write_nothing(host, image_file)
 
 
 def test_train_shows_progress_is_exclusive_and_cancel_saves_at_that_step(host, image_file, baseline):
+    log_at_start = len(host.log())
     upload = {"data": png_b64((64, 64), seed=5), "filename": "cube.png", "caption": "a red cube"}
     options = tiny_options(reconstruction_weight=1.0, preview_every=2,
                            preview={"prompt": "a photo of [name]", "steps": 2})
@@ -201,6 +202,7 @@ def test_train_shows_progress_is_exclusive_and_cancel_saves_at_that_step(host, i
 
     job = wait_for_job(host, job_id, lambda j: j["step"] >= 2 and j["previews"])
     assert job["state"] == "running" and job["total"] == 200 and job["name"] == NAME
+    assert job["attention"] == "sdp"  # the host runs InvokeAI on CPU; training switches to its sdp for the job
     assert job["values"]["loss"] > 0 and job["steps_per_second"] > 0 and job["eta_seconds"] > 0
     assert job["message"].startswith("step ") and "loss" in job["message"] and "ETA" in job["message"]
     progress = host.get("/sdapi/v1/progress")[1]
@@ -221,6 +223,9 @@ def test_train_shows_progress_is_exclusive_and_cancel_saves_at_that_step(host, i
     step = job["step"]
     assert job["state"] == "interrupted" and 2 <= step < 200, job
     assert job["model_restored"] is True and job["error"] is None and job["finished_at"] >= job["started_at"]
+    applied = host.log()[log_at_start:].split("Applying attention optimization: ")[1:]
+    switches = [line.split("...")[0] for line in applied]
+    assert switches == ["sdp", "InvokeAI"]  # and back to the host's choice (model_restored checks it too)
     written = {Path(p).name: p for p in job["files"]}
     assert {f"{NAME}.safetensors", f"{NAME}-neg.safetensors", f"{NAME}-{step:06d}.safetensors"} <= set(written)
     assert embedding_step(written[f"{NAME}.safetensors"]) == step
