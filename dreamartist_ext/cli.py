@@ -203,7 +203,8 @@ def run_train(args: argparse.Namespace) -> int:
     def on_step(report) -> None:
         bar.total = report.total
         bar.n = report.step
-        bar.set_postfix(loss=f"{report.values.get('loss', float('nan')):.4f}", lr=f"{report.learning_rate:.2g}")
+        bar.set_postfix(loss=f"{report.values.get('loss', float('nan')):.4f}", lr=f"{report.learning_rate:.2g}",
+                        refresh=False)  # one line per step, drawn by refresh() below
         bar.refresh()
 
     trainer = Trainer(binding, config, layout, callbacks=TrainCallbacks(on_step=on_step,
