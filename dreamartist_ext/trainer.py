@@ -362,7 +362,7 @@ class Trainer:
                 binding.adapters = self.adapters
                 stack.callback(setattr, binding, "adapters", None)
             stack.enter_context(binding.learned_words(self.pair.words()))
-            # A decode with gradient keeps every full-resolution activation of the VAE decoder (about 10 GB at
+            # A decode with gradient keeps every full-resolution activation of the VAE decoder (about 5.5 GB at
             # 512 px); recomputing them in backward costs little, so reconstruction always checkpoints the decoder.
             parts = [part for part, wanted in (("unet", config.gradient_checkpointing),
                                                ("decoder", config.uses_reconstruction)) if wanted]

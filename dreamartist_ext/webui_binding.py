@@ -209,25 +209,25 @@ def attention_patches() -> tuple[tuple[str, str], ...]:
 
 
 @contextlib.contextmanager
-def training_attention() -> Iterator[str | None]:
+def training_attention() -> Iterator[None]:
     """Train with the host's own "sdp" optimisation (PyTorch scaled-dot-product attention) when the host runs a
     split attention, then put the host's choice back.
 
     The split optimisations save memory at inference but their backward is slow: on CPU (where the host picks
-    InvokeAI) a 512 px DreamArtist step takes ~1.7x longer with them than with sdp, at more memory. The setting
-    "Host setting" (or an optimiser already in FAST_BACKWARD, or attention optimisation turned off) keeps the
-    host's choice. Yields the name of the optimiser used for training."""
+    InvokeAI) a 512 px SD1.5 DreamArtist step took 35.7 s and 13.4 GiB with it, 24.0 s and 8.6 GiB with sdp
+    (bench/run.py). The setting "Host setting", an optimiser already in FAST_BACKWARD, or attention optimisation
+    turned off keep the host's choice."""
     from modules import sd_hijack, shared
 
     previous = sd_hijack.current_optimizer
     wanted = shared.opts.data.get(TRAINING_ATTENTION_OPTION, TRAINING_ATTENTION_CHOICES[0])
     sdp = next((o for o in sd_hijack.optimizers if o.name == "sdp"), None)
     if wanted != "Automatic" or sdp is None or previous is None or previous.name in FAST_BACKWARD:
-        yield previous.name if previous is not None else None
+        yield
         return
     sd_hijack.model_hijack.apply_optimizations(sdp.title())
     try:
-        yield sdp.name
+        yield
     finally:
         sd_hijack.model_hijack.apply_optimizations(previous.title())
 

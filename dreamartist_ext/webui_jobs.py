@@ -173,9 +173,9 @@ def host_fingerprint(sd_model) -> tuple:
 def fingerprint_difference(before: tuple, after: tuple, limit: int = 5) -> list[str]:
     """Names of what changed between two fingerprints (for the log), at most ``limit``."""
     changed = []
-    for part, label in zip(range(min(len(before), len(after))), ("tensor", "module", "attention")):
-        old = {entry[0]: entry for entry in before[part]}
-        new = {entry[0]: entry for entry in after[part]}
+    for label, old_part, new_part in zip(("tensor", "module", "attention"), before, after):
+        old = {entry[0]: entry for entry in old_part}
+        new = {entry[0]: entry for entry in new_part}
         for name in sorted(set(old) | set(new)):
             if old.get(name) != new.get(name):
                 changed.append(f"{label} {name or '<root>'}")
@@ -704,11 +704,9 @@ class JobManager:
               + (f": {status.error}" if status.error else ""))
 
     def _callbacks(self, job: _Job, layout: OutputLayout) -> TrainCallbacks:
-        from modules import shared
+        from modules import sd_hijack, shared
 
         def on_step(report: StepReport) -> None:
-            from modules import sd_hijack
-
             values = {**report.values, "lr": report.learning_rate}
             eta = report.eta_seconds if math.isfinite(report.eta_seconds) else None
             optimizer = sd_hijack.current_optimizer
