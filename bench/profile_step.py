@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="TrainConfig overrides, e.g. gradient_checkpointing=true reconstruction_scale=0.5")
     parser.add_argument("--attention", help="host cross-attention optimisation to select (e.g. sdp, InvokeAI)")
+    parser.add_argument("--host-attention", action="store_true",
+                        help="train with the host's attention choice (by default a split one is swapped for sdp)")
     parser.add_argument("--ops", action="store_true", help="also print torch.profiler's top operators")
     parser.add_argument("--stacks", action="store_true", help="with --ops: group operators by Python call stack")
     parser.add_argument("--warmup", type=int, default=1)
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
         spec["engine"] = str(Path(args.engine).resolve())
     if args.attention:
         spec["attention"] = args.attention
+    if args.host_attention:
+        spec["training_attention"] = "Host setting"
     env = host_env(cache)
     env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     (BENCH / "out").mkdir(exist_ok=True)
