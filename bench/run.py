@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from checkpoints import checkpoint, host_env  # noqa: E402
-from child import RESULT_PREFIX  # noqa: E402
+from child import RESULT_PREFIX, cpu_ticks, mem_available  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -116,24 +116,11 @@ INFO_RATIOS = [
 ]
 
 
-def mem_available() -> int:
-    with open("/proc/meminfo") as info:
-        for line in info:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def others_busy(seconds: float = 2.0) -> float:
     """Cores kept busy by other processes over a short window (this orchestrator is idle meanwhile)."""
-    def busy() -> int:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-        return sum(fields) - fields[3] - fields[4]
-
-    before = busy()
+    before = cpu_ticks()[0]
     time.sleep(seconds)
-    return (busy() - before) / os.sysconf("SC_CLK_TCK") / seconds
+    return (cpu_ticks()[0] - before) / os.sysconf("SC_CLK_TCK") / seconds
 
 
 def wait_until_quiet(threshold: float, max_wait: float) -> float:

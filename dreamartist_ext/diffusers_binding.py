@@ -17,21 +17,12 @@ import torch
 from torch import nn
 
 from . import lora_keys
-from .model import AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError
+from .model import AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError, linear_paths
 
 log = logging.getLogger(__name__)
 
 UNET_TARGETS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
-
-
-def linear_paths(root: nn.Module, suffixes: Sequence[str]) -> tuple[str, ...]:
-    """Paths of the Linear layers under ``root`` whose path ends with one of ``suffixes``."""
-    return tuple(
-        name
-        for name, module in root.named_modules()
-        if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
-    )
 
 
 class DiffusersBinding(DiffusionBinding):

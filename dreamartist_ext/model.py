@@ -26,6 +26,15 @@ BRANCHES = (POS, NEG)
 CHECKPOINTED_PARTS = ("unet", "decoder")
 
 
+def linear_paths(root: nn.Module, suffixes: Sequence[str]) -> tuple[str, ...]:
+    """Paths of the Linear layers under ``root`` whose path ends with one of ``suffixes`` (where adapters go)."""
+    return tuple(
+        name
+        for name, module in root.named_modules()
+        if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
+    )
+
+
 class UnsupportedModelError(RuntimeError):
     """The loaded model is not one DreamArtist can train on (yet)."""
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import lora_keys
-from .model import AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError
+from .model import AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError, linear_paths
 from .trainer import OutputLayout
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,6 @@ def check_supported(sd_model) -> None:
         raise UnsupportedModelError(
             f"this model's conditioning is {key!r}; inpainting and instruct-pix2pix models are not supported yet"
         )
-
-
-def linear_paths(root: nn.Module, suffixes: Sequence[str]) -> tuple[str, ...]:
-    return tuple(
-        name for name, module in root.named_modules()
-        if isinstance(module, nn.Linear) and any(name.endswith("." + s) for s in suffixes)
-    )
 
 
 def host_layout(name: str) -> OutputLayout:
