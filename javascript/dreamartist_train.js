@@ -20,3 +20,27 @@ function dreamartist_start_training() {
     args[0] = id;
     return args;
 }
+
+// Train waits for the reference images: while gradio still uploads a dropped file, the value it would send holds
+// no bytes yet (the server would see an empty file), so the button is disabled and says why until it has arrived.
+function dreamartist_uploads_pending() {
+    var uploads = gradioApp().getElementById('dreamartist_uploads');
+    if (!uploads) return false;
+    if (uploads.querySelector('.wrap.generating')) return true;
+    // a listed file without its download link has not arrived yet (gradio shows "Uploading..." there)
+    return Array.from(uploads.querySelectorAll('tr.file td.download')).some(function(cell) {
+        return !cell.querySelector('a');
+    });
+}
+
+// onUiUpdate runs on the mutation itself (onAfterUiUpdate is debounced and would leave a click window open)
+onUiUpdate(function() {
+    var train = gradioApp().getElementById('dreamartist_train');
+    if (!train) return;
+    var pending = dreamartist_uploads_pending();
+    if (train.disabled !== pending) {
+        train.disabled = pending;
+        train.classList.toggle('dreamartist-waiting', pending);
+        train.title = pending ? 'Waiting for the reference images to finish uploading' : '';
+    }
+});

@@ -3,6 +3,7 @@ included) and a fresh binding on it for every test that needs one."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,39 @@ def binding(tiny_model_dir) -> DiffusersBinding:
 @pytest.fixture()
 def reference_image(tmp_path) -> Path:
     return write_image(tmp_path / "images" / "ref.png")
+
+
+# --- CI's rule for the host tier ------------------------------------------------------------------------------
+# With DREAMARTIST_REQUIRE_HOST=1 (set by .ci/run once it has set the real WebUI up) a skipped or deselected test
+# fails the run: the host tier must never pass by being silently skipped.
+REQUIRE_HOST = os.environ.get("DREAMARTIST_REQUIRE_HOST") == "1"
+_deselected: list[str] = []
+
+
+def _as_failure(report) -> None:
+    if REQUIRE_HOST and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped although DREAMARTIST_REQUIRE_HOST=1 (the host is set up): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _as_failure(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _as_failure(outcome.get_result())
+
+
+def pytest_deselected(items):
+    _deselected.extend(item.nodeid for item in items)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if REQUIRE_HOST and _deselected:
+        print(f"\n{len(_deselected)} test(s) deselected although DREAMARTIST_REQUIRE_HOST=1: {_deselected[:5]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -4,7 +4,7 @@
 //                                       steps, size, previewEvery, timeoutMs}
 //
 // Prints one JSON line with what it saw (progress texts, statuses, gallery/plot, page errors); the Python
-// test makes the assertions. Screenshots: <outputDir>/dreamartist-{before,progress,after,reloaded}.png.
+// test makes the assertions. Screenshots: <outputDir>/dreamartist-{uploading,before,progress,after,reloaded}.png.
 
 'use strict';
 
@@ -50,11 +50,38 @@ async function liveText(page) {
     return (await page.locator('#dreamartist_progress .dreamartist-live').innerText()).trim();
 }
 
-async function train(page) {
-    await fill(page, '#dreamartist_name', options.name);
+async function uploadFinished(page) {
+    // gradio lists a chosen file at once ("Uploading..."); it has arrived when its row links to the server's copy
+    await page.locator('#dreamartist_uploads tr.file td.download a').first().waitFor({ timeout: 60000 });
+    await page.waitForFunction(() => !document.querySelector('#dreamartist_train').disabled, null, { timeout: 60000 });
+}
+
+async function uploadWhileTrainIsPressed(page) {
+    // The upload is held back for a few seconds: Train must be disabled meanwhile (a click then would send an image
+    // with no bytes yet), the click must start nothing, and Train comes back once the image has arrived.
+    const held = [];
+    await page.route('**/upload', async route => { held.push(route); });
     await page.locator('#dreamartist_uploads input[type=file]').setInputFiles(options.image);
     await page.locator('#dreamartist_uploads', { hasText: path.basename(options.image) }).waitFor({ timeout: 30000 });
-    note('image uploaded');
+    await page.waitForFunction(() => document.querySelector('#dreamartist_train').disabled, null, { timeout: 10000 });
+    seen.trainDisabledWhileUploading = true;
+    await shot(page, 'uploading');
+    seen.waitingLabel = await page.evaluate(() => getComputedStyle(
+        document.querySelector('#dreamartist_train'), '::after').content);
+    await page.locator('#dreamartist_train').click({ force: true, timeout: 5000 }).catch(() => {});
+    await page.waitForTimeout(1000);
+    seen.statusAfterEarlyClick = (await page.locator('#dreamartist_status').first().innerText()).trim();
+    seen.jobStartedEarly = await page.locator('#dreamartist_results .progressDiv').count() > 0;
+    while (held.length === 0) await page.waitForTimeout(100);
+    for (const route of held) await route.continue();
+    await page.unroute('**/upload');
+    await uploadFinished(page);
+    note('image uploaded (Train was disabled while it uploaded)');
+}
+
+async function train(page) {
+    await fill(page, '#dreamartist_name', options.name);
+    await uploadWhileTrainIsPressed(page);
     await fill(page, '#dreamartist_width', options.size);
     await fill(page, '#dreamartist_height', options.size);
     await fill(page, '#dreamartist_steps', options.steps);
@@ -121,7 +148,7 @@ async function interruptRun(page) {
     // a long job, stopped with the tab's Interrupt button once it reports its first step
     await fill(page, '#dreamartist_name', options.interruptName);
     await page.locator('#dreamartist_uploads input[type=file]').setInputFiles(options.image);
-    await page.locator('#dreamartist_uploads', { hasText: path.basename(options.image) }).waitFor({ timeout: 30000 });
+    await uploadFinished(page);
     await fill(page, '#dreamartist_width', options.size);
     await fill(page, '#dreamartist_height', options.size);
     await fill(page, '#dreamartist_steps', 1000);

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from webui_host import REPO, png_b64, start_webui, tracebacks
+from webui_host import REPO, mentions_us, png_b64, start_webui, tracebacks
 
 NAME = "dacube"
 API = "/dreamartist/v1"
@@ -321,6 +321,6 @@ def test_the_host_log_has_no_warning_or_traceback_of_ours(host, log_start):
     log = host.log()[log_start:]
     assert tracebacks(log) == [], log[-4000:]
     ours = [line for line in log.splitlines()
-            if ("dreamartist" in line.lower() or "autocorrection" in line.lower())
+            if (mentions_us(line) or "autocorrection" in line.lower())
             and any(word in line.lower() for word in ("warn", "error", "traceback", "failed", "autocorrection"))]
     assert ours == [], ours

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from webui_host import tracebacks
+from webui_host import mentions_us, tracebacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "probe"))
 from concept_files import adapter_shapes, write_concept  # noqa: E402
@@ -102,6 +102,6 @@ def test_bad_arguments_are_a_clear_error(learned, args, message):
 
 def test_no_traceback_of_ours(learned):
     log = learned.log()[LOG_START["offset"]:]
-    ours = [block for block in tracebacks(log) if "dreamartist" in block.lower()]
+    ours = [block for block in tracebacks(log) if mentions_us(block)]
     assert ours == []
     assert "DreamArtist:" not in log  # no warning of ours while the batch tests ran

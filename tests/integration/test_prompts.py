@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from webui_host import png_b64, start_webui, tracebacks
+from webui_host import mentions_us, png_b64, start_webui, tracebacks
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "probe"))
@@ -250,7 +250,7 @@ def test_host_is_unchanged_afterwards(host):
     status, state = host.get("/probe/model")
     assert state["lora_layers"] == 0 and not state["adapters_active"], state
     log = host.log()
-    assert [block for block in tracebacks(log) if "dreamartist" in block.lower()] == [], log
+    assert [block for block in tracebacks(log) if mentions_us(block)] == [], log
     assert "DreamArtist:" not in log, log
     for mode, line in SUMMARY.items():
         print(f"{mode}: {line}")

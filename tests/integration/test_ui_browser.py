@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from webui_host import REPO, tracebacks
+from webui_host import REPO, mentions_us, tracebacks
 
 BROWSER_DIR = REPO / "tests" / "browser"
 OUTPUT_DIR = REPO / "tests" / "output"
@@ -61,7 +61,7 @@ def _run_driver(node: str, options: dict) -> dict:
 def _our_problems(log: str) -> list[str]:
     """Log lines that mention this extension together with a warning or an error."""
     pattern = re.compile(r"warn|error|traceback|exception", re.IGNORECASE)
-    return [line for line in log.splitlines() if "dreamartist" in line.lower() and pattern.search(line)]
+    return [line for line in log.splitlines() if mentions_us(line) and pattern.search(line)]
 
 
 def _shown_versus_defaults(shown: dict[str, object]) -> dict[str, tuple]:
@@ -110,6 +110,10 @@ def test_train_in_the_tab_shows_progress_previews_and_survives_reload(webui, tmp
     })
     print(f"browser run: {time.time() - started:.1f} s; progress texts: {seen['progressTexts']}")
 
+    # Train is disabled while the reference image uploads; a click then starts nothing (no half-uploaded image)
+    assert seen["trainDisabledWhileUploading"], seen
+    assert "waiting for the upload" in seen["waitingLabel"], seen["waitingLabel"]
+    assert seen["statusAfterEarlyClick"] == "" and not seen["jobStartedEarly"], seen
     # the form opens with TrainConfig's defaults (the name is empty: no field borrowed another one's saved value)
     assert len(seen["initialValues"]) > 30, seen["initialValues"]
     assert _shown_versus_defaults(seen["initialValues"]) == {}
@@ -140,7 +144,7 @@ def test_train_in_the_tab_shows_progress_previews_and_survives_reload(webui, tmp
     assert (embeddings / f"{INTERRUPTED_NAME}.safetensors").is_file()
     # with every section open, nothing sticks out of the tab
     assert seen["overflowing"] == [], seen["overflowing"]
-    for label in ("before", "progress", "after", "reloaded"):
+    for label in ("uploading", "before", "progress", "after", "reloaded"):
         assert (OUTPUT_DIR / f"dreamartist-{label}.png").stat().st_size > 10_000
 
     # no script error in the page; the host's log has no warning or error of ours (UI built at startup and on

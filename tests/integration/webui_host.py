@@ -183,6 +183,16 @@ def link_extension(target: Path) -> None:
         (target / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
 
 
+def mentions_us(text: str) -> bool:
+    """Whether a log line or block names this extension: its name outside the host's own install paths (a host
+    set up under e.g. ~/.cache/dreamartist-host has "dreamartist" in every path of its venv)."""
+    webui, python, hf_home = (os.environ.get(key) for key in ("SD_WEBUI_DIR", "SD_WEBUI_PYTHON", "HF_HOME"))
+    host_paths = [Path(webui).parent if webui else None, Path(python).parents[2] if python else None, hf_home]
+    for prefix in sorted({str(p) for p in host_paths if p}, key=len, reverse=True):
+        text = text.replace(prefix, "")
+    return "dreamartist" in text.lower()
+
+
 def tracebacks(log: str) -> list[str]:
     """Every traceback block in a host log."""
     blocks, current = [], None
