@@ -1,6 +1,7 @@
 """Always-on "DreamArtist" section of txt2img/img2img: a learned word typed into the prompt gets its positive
 adapter on the positive branch and its negative adapter on the negative branch (dreamartist_ext.webui_inference
-does the work; this file only wires the host's callbacks)."""
+does the work; dreamartist_ext.webui_cards fixes the extra-networks cards; this file only wires the host's
+callbacks)."""
 
 import logging
 
@@ -8,7 +9,7 @@ import gradio as gr
 
 from modules import script_callbacks, scripts
 
-from dreamartist_ext import webui_inference
+from dreamartist_ext import webui_cards, webui_inference
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +54,6 @@ class DreamArtistPrompts(scripts.Script):
 script_callbacks.on_ui_settings(webui_inference.add_settings)
 script_callbacks.on_app_started(webui_inference.add_routes)
 script_callbacks.on_script_unloaded(webui_inference.unload)
+# the concept's extra-networks card brings name + name-neg; the partner and the adapters get no card of their own
+webui_cards.install()
+script_callbacks.on_script_unloaded(webui_cards.uninstall)

@@ -70,7 +70,7 @@ phase "sources ready in $WEBUI"
 
 # 2. the venv, skipped when the stamp of its inputs is unchanged
 stamp=$( { cat "$0" "$WEBUI/requirements_versions.txt" "$REPO/install.py" "$REPO/requirements.txt" \
-           "$REPO/requirements-test.txt"; sha256sum "$WEBUI_TAR" "$CLIP_TAR" 2>/dev/null || true; } | sha256sum | cut -c1-16)
+           "$REPO/requirements-test.txt"; cat "$WEBUI_TAR" "$CLIP_TAR" 2>/dev/null || true; } | sha256sum | cut -c1-16)
 if [ -x "$PY" ] && [ "$(cat "$VENV/.dreamartist-stamp" 2>/dev/null)" = "$stamp" ]; then
     phase "venv up to date ($VENV)"
 else
@@ -83,7 +83,7 @@ else
     phase "host requirements installed"
 
     # this extension's installer, the way the host's launch_utils runs it for each extension at start
-    (cd "$WEBUI" && "$PY" -c "import sys, launch; launch.run_extension_installer(sys.argv[1])" "$REPO")
+    (cd "$WEBUI" && "$PY" -c "import sys, launch; launch.run_extension_installer(sys.argv[1])" "$REPO") >&2
     "$PY" -c "import peft, lpips" || die "install.py left peft or lpips missing"
     second=$(cd "$WEBUI" && "$PY" -c "import sys, launch; launch.run_extension_installer(sys.argv[1])" "$REPO" 2>&1)
     [ -z "$second" ] || die "install.py is not quiet on a second start: $second"

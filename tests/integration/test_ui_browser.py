@@ -9,53 +9,21 @@ Needs Debian's chromium (``apt-get install -y chromium chromium-driver``) and ``
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from webui_host import REPO, mentions_us, tracebacks
+from browser_driver import MISSING, OUTPUT_DIR, run_driver
+from webui_host import mentions_us, tracebacks
 
-BROWSER_DIR = REPO / "tests" / "browser"
-OUTPUT_DIR = REPO / "tests" / "output"
 NAME = "dabrowser"
 INTERRUPTED_NAME = "dabrowserstop"
 PAIR_NAME = "dabrowserpair"
 STEPS = 6
 PREVIEW_EVERY = 2
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-NODE = shutil.which("node")
-
-
-def _missing_tools() -> str | None:
-    """Why the browser cannot run here, or None. Checked before the host fixture starts a WebUI for nothing."""
-    if not CHROMIUM or not Path(CHROMIUM).is_file():
-        return "no chromium: apt-get install -y chromium chromium-driver (or set CHROMIUM to its path)"
-    if not NODE:
-        return "no node: install Node.js >= 20 to drive the browser"
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        return f"playwright-core is not installed: run `npm ci` in {BROWSER_DIR}"
-    return None
-
-
-MISSING = _missing_tools()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
-
-
-def _run_driver(node: str, options: dict) -> dict:
-    completed = subprocess.run([node, str(BROWSER_DIR / "drive_tab.js"), json.dumps(options)], cwd=str(BROWSER_DIR),
-                               capture_output=True, text=True, timeout=900)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"driver printed no result (rc {completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
-    seen = json.loads(lines[-1])
-    assert completed.returncode == 0 and "failure" not in seen, (
-        f"driver failed: {seen.get('failure')}\nsteps: {seen.get('steps')}\n{completed.stderr[-4000:]}")
-    return seen
 
 
 def _our_problems(log: str) -> list[str]:
@@ -98,14 +66,13 @@ def _write_png(path: Path) -> Path:
 
 
 def test_train_in_the_tab_shows_progress_previews_and_survives_reload(webui, tmp_path):
-    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     log_before = len(webui.log())
     started = time.time()
 
-    seen = _run_driver(NODE, {
-        "url": webui.url, "image": str(_write_png(tmp_path / "reference.png")), "outputDir": str(OUTPUT_DIR),
+    seen = run_driver("drive_tab.js", {
+        "url": webui.url, "image": str(_write_png(tmp_path / "reference.png")),
         "name": NAME, "interruptName": INTERRUPTED_NAME, "pairName": PAIR_NAME,
-        "userDataDir": str(tmp_path / "chromium-profile"), "chromium": CHROMIUM, "steps": STEPS,
+        "userDataDir": str(tmp_path / "chromium-profile"), "steps": STEPS,
         "size": 64, "previewEvery": PREVIEW_EVERY, "timeoutMs": 600_000,
     })
     print(f"browser run: {time.time() - started:.1f} s; progress texts: {seen['progressTexts']}")
