@@ -38,19 +38,21 @@ class CardRules:
     """What the learned concepts change on the cards, read once from the host's folders."""
 
     partners: dict[str, str]  # concept name -> its negative partner's name
+    partner_names: frozenset[str]
     adapter_files: frozenset[str]
 
     @classmethod
     def current(cls) -> "CardRules":
         learned = LEARNED.current().values()
-        return cls(partners={info.name: negative_name(info.name) for info in learned if info.negative_embedding},
+        partners = {info.name: negative_name(info.name) for info in learned if info.negative_embedding}
+        return cls(partners=partners, partner_names=frozenset(partners.values()),
                    adapter_files=frozenset(_real(path) for info in learned
                                            for path in (info.lora, info.negative_lora) if path))
 
     def hides(self, page_name: str, item: dict[str, Any]) -> bool:
         """A negative partner, or an adapter file: offered through the concept's own card instead."""
         if page_name == TEXTUAL_INVERSION_PAGE:
-            return item.get("name") in set(self.partners.values())
+            return item.get("name") in self.partner_names
         if page_name == LORA_PAGE and item.get("filename"):
             return _real(item["filename"]) in self.adapter_files
         return False

@@ -11,20 +11,19 @@
 'use strict';
 
 const path = require('path');
-const { chromium } = require('playwright-core');
+const { startSeen, drive } = require('./session');
 
 const options = JSON.parse(process.argv[2]);
-const seen = { consoleErrors: [], pageErrors: [], steps: [] };
+const seen = startSeen('drive_prompts');
 const PROMPT = '#txt2img_prompt textarea';
 const NEGATIVE = '#txt2img_neg_prompt textarea';
 
-function note(step) {
-    seen.steps.push(step);
-    process.stderr.write(`[drive_prompts] ${step}\n`);
-}
+const note = seen.note;
 
 async function prompts(page) {
-    return { prompt: await page.locator(PROMPT).inputValue(), negative: await page.locator(NEGATIVE).inputValue() };
+    // the host's card click joins with ", " and may leave a leading space: compare the words
+    const value = async selector => (await page.locator(selector).inputValue()).trim();
+    return { prompt: await value(PROMPT), negative: await value(NEGATIVE) };
 }
 
 async function clearPrompts(page) {
@@ -101,6 +100,7 @@ async function cards(page) {
     seen.afterSecondClick = await prompts(page);
     // an ordinary embedding's card is the host's own: its word only, into the prompt
     await clearPrompts(page);
+    await page.locator(PROMPT).click();  // the host puts an ordinary embedding into the last focused prompt
     await page.locator(`${tiCards} .card[data-name="${options.plainEmbedding}"]`).click();
     seen.afterPlainEmbeddingCard = await prompts(page);
     await clearPrompts(page);
@@ -109,30 +109,9 @@ async function cards(page) {
     note('cards checked');
 }
 
-(async () => {
-    const context = await chromium.launchPersistentContext(options.userDataDir, {
-        executablePath: options.chromium,
-        headless: true,
-        viewport: { width: 1600, height: 1000 },
-        args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-               '--disable-component-update', '--disable-sync'],
-    });
-    let exitCode = 0;
-    try {
-        const page = context.pages()[0] || await context.newPage();
-        page.on('console', message => { if (message.type() === 'error') seen.consoleErrors.push(message.text()); });
-        page.on('pageerror', error => seen.pageErrors.push(String(error)));
-        await page.goto(options.url, { waitUntil: 'load', timeout: 120000 });
-        await page.locator(PROMPT).waitFor({ timeout: 120000 });
-        note('page loaded');
-        await typing(page);
-        await cards(page);
-    } catch (error) {
-        seen.failure = String(error && error.stack || error);
-        exitCode = 1;
-    } finally {
-        await context.close();
-    }
-    process.stdout.write(JSON.stringify(seen) + '\n');
-    process.exit(exitCode);
-})();
+drive(options, seen, async page => {
+    await page.locator(PROMPT).waitFor({ timeout: 120000 });
+    note('page loaded');
+    await typing(page);
+    await cards(page);
+});

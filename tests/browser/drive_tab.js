@@ -9,15 +9,13 @@
 'use strict';
 
 const path = require('path');
-const { chromium } = require('playwright-core');
+const { startSeen, drive } = require('./session');
 
 const options = JSON.parse(process.argv[2]);
-const seen = { progressTexts: [], consoleErrors: [], pageErrors: [], steps: [] };
+const seen = startSeen('drive_tab');
+seen.progressTexts = [];
 
-function note(step) {
-    seen.steps.push(step);
-    process.stderr.write(`[drive_tab] ${step}\n`);
-}
+const note = seen.note;
 
 async function shot(page, label) {
     const file = path.join(options.outputDir, `dreamartist-${label}.png`);
@@ -206,30 +204,9 @@ async function reloadUi(page) {
     await shot(page, 'reloaded');
 }
 
-(async () => {
-    const context = await chromium.launchPersistentContext(options.userDataDir, {
-        executablePath: options.chromium,
-        headless: true,
-        viewport: { width: 1600, height: 1000 },
-        args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-               '--disable-component-update', '--disable-sync'],
-    });
-    let exitCode = 0;
-    try {
-        const page = context.pages()[0] || await context.newPage();
-        page.on('console', message => { if (message.type() === 'error') seen.consoleErrors.push(message.text()); });
-        page.on('pageerror', error => seen.pageErrors.push(String(error)));
-        await page.goto(options.url, { waitUntil: 'load', timeout: 120000 });
-        await openTab(page);
-        seen.initialValues = await page.evaluate(formValues);
-        await train(page);
-        await reloadUi(page);
-    } catch (error) {
-        seen.failure = String(error && error.stack || error);
-        exitCode = 1;
-    } finally {
-        await context.close();
-    }
-    process.stdout.write(JSON.stringify(seen) + '\n');
-    process.exit(exitCode);
-})();
+drive(options, seen, async page => {
+    await openTab(page);
+    seen.initialValues = await page.evaluate(formValues);
+    await train(page);
+    await reloadUi(page);
+});

@@ -175,6 +175,21 @@ def test_each_row_gets_the_adapter_of_its_branch(host, mode):
     assert {call["negative"] for call in record["text"]} == {True, False}  # both prompts encoded, each routed
 
 
+@pytest.mark.parametrize("name", ["猫の絵", "black cat"])
+def test_names_in_any_script_and_with_spaces_are_injected_and_routed(host, name):
+    """The host takes any file stem as an embedding name and matches it by tokens: a concept named in Japanese or
+    with an inner space is injected into both prompts and its adapters are routed like any other."""
+    if name not in host.concepts:
+        host.concepts[name] = write_concept(host.data_dir, name, host.shapes, seed=4)
+        assert host.post("/sdapi/v1/refresh-embeddings")[0] == 200
+    _, info, record = _probed(host, prompt=f"a photo of {name}, detailed")
+    ti_hashes = info["extra_generation_params"]["TI hashes"]
+    assert f"{name}:" in ti_hashes and f"{name}-neg:" in ti_hashes, ti_hashes
+    assert info["all_negative_prompts"][0] == f"blurry, {name}-neg"
+    assert info["extra_generation_params"][DA] == f"{name}:1.0"
+    _check_routing(record, f"name {name!r}")
+
+
 def test_concept_without_adapters_only_injects_embeddings(host):
     _, info, record = _probed(host, prompt="a photo of plainpair")
     assert not any(call["routed"] for call in record["unet"])
