@@ -60,6 +60,17 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                              default=None, help=_flag_help(f))
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """'(default: X)' after every option that has a real default and does not say its default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default in ("", argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser(prog: str = "dreamartist") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +96,7 @@ def build_parser(prog: str = "dreamartist") -> argparse.ArgumentParser:
     _add_config_options(train)
 
     gen = sub.add_parser("generate", help="make images with learned concepts",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=_DefaultsShown)
     gen.add_argument("--model", help="diffusers folder or single-file checkpoint, as for train (--demo: the demo's)")
     gen.add_argument("--config", help="for a single-file model: its LDM .yaml or a diffusers folder")
     gen.add_argument("--demo", action="store_true",
@@ -98,8 +109,7 @@ def build_parser(prog: str = "dreamartist") -> argparse.ArgumentParser:
     gen.add_argument("--adapter-weight", type=float, default=1.0, help="strength of the learned adapters")
     gen.add_argument("--steps", type=int, default=30, help="DDIM sampling steps")
     gen.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (CFG) scale")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i of --count uses the same "
-                                                         "generator, so a seed always gives the same images")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the images: the same seed gives the same images")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: 512, --demo: 64)")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: 512, --demo: 64)")
     gen.add_argument("--count", type=int, default=1, help="images to make")

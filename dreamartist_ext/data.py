@@ -165,7 +165,8 @@ def read_caption(image_path: Path) -> str:
     try:
         return caption_path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as error:
-        raise InvalidInput(f"{caption_path}: caption is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise InvalidInput(
+            f"{caption_path}: caption is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import io
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -213,7 +214,9 @@ def _render(series: Mapping[str, list[tuple[float, float]]], average: list[tuple
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.grid(True, color="#e6e6e6")
-    figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
+    with warnings.catch_warnings():  # a name in a script the default font lacks shows as boxes, not a warning
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        figure.tight_layout()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()

@@ -21,7 +21,8 @@ from modules.ui_common import create_refresh_button
 from modules.ui_components import FormRow, ToolButton
 
 from . import webui_jobs
-from .config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, RESIZE_MODES, ConfigError, PreviewConfig, TrainConfig, option_help
+from .config import (CLIP_MODES, LATENT_SAMPLING, PRECISIONS, RESIZE_MODES, ConfigError, PreviewConfig, TrainConfig,
+                     option_help)
 from .data import BUILTIN_TEMPLATES, load_templates
 from .errors import InvalidInput
 from .names import NAME_RULES, negative_name, validate_concept_name
@@ -97,7 +98,8 @@ class TrainForm:
     def number(self, key: str, label: str, *, integer: bool = False, minimum: float | None = None,
                info: str | None = None, maximum: float | None = None):
         return self.add(key, gr.Number(value=_default(key), label=label, precision=0 if integer else None,
-                                       minimum=minimum, maximum=maximum, info=_info(key, info), elem_id=_elem_id(key)))
+                                       minimum=minimum, maximum=maximum, info=_info(key, info),
+                                       elem_id=_elem_id(key)))
 
     def slider(self, key: str, label: str, minimum: float, maximum: float, step: float, *, info: str | None = None):
         return self.add(key, gr.Slider(minimum=minimum, maximum=maximum, step=step, value=_default(key), label=label,
@@ -106,11 +108,13 @@ class TrainForm:
     def textbox(self, key: str, label: str, *, info: str | None = None, placeholder: str | None = None,
                 multiline: bool = False):
         single_line = {} if multiline else {"max_lines": 1}
-        return self.add(key, gr.Textbox(value=_default(key), label=label, info=_info(key, info), placeholder=placeholder,
+        return self.add(key, gr.Textbox(value=_default(key), label=label, info=_info(key, info),
+                                        placeholder=placeholder,
                                         lines=1, elem_id=_elem_id(key), **single_line))
 
     def checkbox(self, key: str, label: str, *, value: bool | None = None, info: str | None = None):
-        return self.add(key, gr.Checkbox(value=_default(key) if value is None else value, label=label, info=_info(key, info),
+        return self.add(key, gr.Checkbox(value=_default(key) if value is None else value, label=label,
+                                         info=_info(key, info),
                                          elem_id=_elem_id(key)))
 
     def radio(self, key: str, label: str, choices: Sequence[str], *, info: str | None = None):

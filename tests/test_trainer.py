@@ -312,3 +312,61 @@ def test_continuing_records_the_saved_pairs_vector_counts(binding, reference_ima
     vectors, meta = files.load_embedding(layout.embedding_path("cube"))
     assert vectors.shape[0] == 2 and meta["hyperparameters"]["positive_vectors"] == 2
     assert meta["hyperparameters"]["negative_vectors"] == 5
+
+
+def test_ctrl_c_mid_step_drops_that_step_and_saves_a_checkpoint_that_resumes_exactly(binding, reference_image,
+                                                                                      tmp_path):
+    """KeyboardInterrupt inside the 4th step's U-Net call: the run saves step 3 (the boundary), and resuming from
+    that checkpoint gives bit for bit what an uninterrupted run gives."""
+    config = small_config([reference_image], steps=6, latent_sampling="random", tag_dropout=0.3)
+    straight = OutputLayout.under(tmp_path / "straight")
+    make_trainer(binding, config, straight).run()
+    calls = []
+
+    def interrupt_in_step_4(module, args, output):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    layout = OutputLayout.under(tmp_path / "interrupted")
+    handle = binding.unet.register_forward_hook(interrupt_in_step_4)
+    try:
+        result = make_trainer(binding, config, layout).run()
+    finally:
+        handle.remove()
+    assert result.status == "interrupted" and result.step == 3 and "interrupted at step 3" in result.message
+    assert layout.checkpoint_path("cube", 3) in result.files and layout.loss_csv in result.files
+    resumed = make_trainer(binding, config, layout, resume=layout.checkpoint_path("cube", 3)).run()
+    assert resumed.status == "finished" and resumed.steps_run == 3
+    assert resumed.message == "trained cube for 3 steps (from step 3 to 6)"
+    for word in ("cube", "cube-neg"):
+        assert torch.equal(files.load_embedding(straight.embedding_path(word))[0],
+                           files.load_embedding(layout.embedding_path(word))[0])
+
+
+def test_ctrl_c_in_a_callback_after_a_step_saves_that_step(binding, reference_image, tmp_path):
+    def interrupt(report):
+        if report.step == 2:
+            raise KeyboardInterrupt
+
+    layout = OutputLayout.under(tmp_path / "out")
+    result = make_trainer(binding, small_config([reference_image], steps=10), layout,
+                          callbacks=TrainCallbacks(on_step=interrupt)).run()
+    assert result.status == "interrupted" and result.step == 2
+    assert files.load_embedding(layout.embedding_path("cube"))[1]["step"] == 2
+    assert [r["step"] for r in LossLog(layout.loss_csv, ()).read()] == [1, 2]
+
+
+def test_preview_every_0_previews_only_at_the_end(binding, reference_image, tmp_path):
+    seen = []
+    callbacks = TrainCallbacks(preview=lambda step: [], on_preview=lambda step, paths: seen.append(step))
+    make_trainer(binding, small_config([reference_image], steps=3, preview_every=0), OutputLayout.under(tmp_path),
+                 callbacks=callbacks).run()
+    assert seen == [3]
+
+
+def test_a_name_in_another_script_with_spaces_trains(binding, reference_image, tmp_path):
+    layout = OutputLayout.under(tmp_path / "out")
+    result = make_trainer(binding, small_config([reference_image], name="猫の絵 v2", steps=1), layout).run()
+    assert result.status == "finished"
+    assert layout.embedding_path("猫の絵 v2").is_file() and layout.embedding_path("猫の絵 v2-neg").is_file()
