@@ -240,7 +240,9 @@ def run_ours(spec: dict, work: Path, clock: StepClock) -> dict:
     sys.path.insert(0, spec.get("engine") or str(REPO))  # another checkout's engine, to measure a change
     from modules import shared
     from dreamartist_ext.config import TrainConfig
-    from dreamartist_ext.trainer import OutputLayout, TrainCallbacks, Trainer
+    from dreamartist_ext.outputs import OutputLayout
+    from dreamartist_ext.preparation import prepare_run
+    from dreamartist_ext.trainer import TrainCallbacks, Trainer
     from dreamartist_ext.webui_binding import TRAINING_ATTENTION_OPTION, WebuiBinding
 
     images = write_images(work / "images", spec["size"], 2)
@@ -269,8 +271,8 @@ def run_ours(spec: dict, work: Path, clock: StepClock) -> dict:
         for method, key in (("_encode", "text encoder forward"), ("_predict", "U-Net forward"),
                             ("decode_latents", "VAE decode forward")):
             setattr(binding, method, _timed(getattr(binding, method), phases.setdefault(key, [])))
-    result = Trainer(binding, config, OutputLayout.under(work / "out"), callbacks=TrainCallbacks(on_step=on_step),
-                     template_dirs=()).run()
+    prepared = prepare_run(config, OutputLayout.under(work / "out"), size_multiple=binding.size_multiple)
+    result = Trainer(binding, prepared, callbacks=TrainCallbacks(on_step=on_step)).run()
     skip = spec["warmup"]  # one call of each part per step (batch 1, no accumulation)
     return {"losses": losses, "status": result.status,
             "phases": {key: times[skip:] for key, times in phases.items() if times}}

@@ -1,8 +1,11 @@
-"""Command line: ``python -m dreamartist_ext train|generate``.
+"""Command line: ``dreamartist train|generate`` (or ``python -m dreamartist_ext``).
 
     train --demo                       tiny random model + the shipped sample image, whole pipeline (~20 s)
     train --model M --image I --name N --out DIR [options]
     generate --model M --concepts DIR --prompt "a photo of N on a beach" --out DIR
+
+Every input is checked before the model loads; a bad one is one line on stderr and exit status 2, with nothing
+written. Ctrl-C stops training at a step boundary, saves, and prints how to resume.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,100 +24,70 @@ import torch
 
 from . import __version__
 from .config import PreviewConfig, TrainConfig
+from .errors import InvalidInput
 
 DEMO_NAME = "dreamdemo"
 ASSETS = Path(__file__).parent / "assets"
+NOT_OPTIONS = {"name", "images", "preview"}  # given as --name/--image and the --preview-* flags
+DEMO_REFUSES = ("--image", "--name", "--model", "--config", "--options")
+PLAIN_PROGRESS_LINES = 100  # without a terminal: about this many progress lines per run
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
-HELP = {
-    "init_text": "words to start the positive embedding from, e.g. 'girl' ('*' = no hint)",
-    "positive_vectors": "vectors in the positive embedding (paper: 3)",
-    "negative_vectors": "vectors in the negative embedding (paper: 3; the original extension used 6)",
-    "negative_noise": "std of the noise added to the empty-text init of the negative embedding",
-    "use_negative": "learn the negative embedding (off = plain textual inversion, g = 1)",
-    "width": "training width in pixels", "height": "training height in pixels",
-    "resize": "how images are fitted: crop, pad or stretch",
-    "template": "prompt template: a shipped name (subject, style, subject_filewords, style_filewords, none) or a file",
-    "flip": "also train on the mirrored image",
-    "shuffle_tags": "shuffle the comma-separated tags of [filewords]",
-    "tag_dropout": "probability of dropping each [filewords] tag",
-    "latent_sampling": "once (sample the VAE once), deterministic (its mean) or random (every step)",
-    "use_alpha_weight": "weight the loss by the image's alpha channel / <image>_att mask",
-    "guidance": "guidance scale g of the combined loss (paper: 3, 5 for styles); 'L-H[:linear|cos|cos2]' = dynamic",
-    "reconstruction_weight": "weight of the pixel reconstruction loss (0 = off)",
-    "perceptual_weight": "weight of an LPIPS term on the reconstruction (needs AlexNet weights)",
-    "perceptual_random_trunk": "LPIPS on an untrained trunk (tests only)",
-    "steps": "optimizer steps",
-    "embedding_lr": "embedding learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5' (paper: 0.0025)",
-    "negative_lr_scale": "multiplier on the negative embedding's learning rate",
-    "batch_size": "images per micro-batch", "gradient_accumulation": "micro-batches per optimizer step",
-    "clip_mode": "gradient clipping: none, value or norm", "clip_value": "clipping threshold",
-    "weight_decay": "AdamW weight decay", "adam_betas": "AdamW betas",
-    "unet_rank": "rank of the U-Net adapters (0 = no U-Net adapters)",
-    "text_rank": "rank of the text-encoder adapters (0 = none)",
-    "adapter_alpha": "LoRA alpha (0 = same as the rank)",
-    "unet_lr": "U-Net adapter learning rate or schedule", "text_lr": "text-encoder adapter learning rate or schedule",
-    "negative_adapter_lr_scale": "multiplier on the negative adapters' learning rate",
-    "seed": "seed of everything random in the run",
-    "precision": "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
-    "gradient_checkpointing": "trade compute for memory in the U-Net (the VAE decoder is always checkpointed for the "
-                              "reconstruction loss)",
-    "reconstruction_scale": "decode the reconstruction from a random latent crop of this side fraction (1 = whole)",
-    "save_every": "save the pair and a checkpoint every N steps (0 = only at the end)",
-    "preview_every": "make preview images every N steps (0 = only at the end... and never if no preview)",
-    "max_bad_steps": "stop after this many non-finite steps in a row",
-}
-NOT_OPTIONS = {"name", "images", "preview"}
+
+def _flag_help(f: dataclasses.Field) -> str:
+    if f.metadata.get("hidden"):
+        return argparse.SUPPRESS
+    return f"{f.metadata.get('help', '')} (default: {f.default})"
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig/PreviewConfig field; help, choices and defaults come from the fields."""
     group = parser.add_argument_group("training options (defaults follow the paper)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in NOT_OPTIONS:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        text = HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {default})"
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        common = dict(dest=f.name, default=None, help=_flag_help(f))
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif isinstance(default, tuple):
-            group.add_argument(flag, type=float, nargs=len(default), default=None, help=text)
+            group.add_argument(flag, type=float, nargs=len(default), metavar=("B1", "B2"), **common)
         else:
-            group.add_argument(flag, type=type(default), default=None, help=text)
-    preview = parser.add_argument_group("previews")
+            group.add_argument(flag, type=type(default), choices=f.metadata.get("choices"), **common)
+    preview = parser.add_argument_group("previews (made every --preview-every steps and at the end)")
     for f in dataclasses.fields(PreviewConfig):
-        preview.add_argument("--preview-" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                             help=f"preview {f.name.replace('_', ' ')} (default: {f.default})")
+        preview.add_argument("--preview-" + f.name.replace("_", "-"), dest="preview_" + f.name, type=type(f.default),
+                             default=None, help=_flag_help(f))
 
 
-def _config_from(args: argparse.Namespace, base: dict) -> TrainConfig:
-    values = dict(base)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in NOT_OPTIONS and getattr(args, f.name, None) is not None:
-            values[f.name] = getattr(args, f.name)
-    preview = dict(values.get("preview", {}))
-    for f in dataclasses.fields(PreviewConfig):
-        value = getattr(args, "preview_" + f.name, None)
-        if value is not None:
-            preview[f.name] = value
-    values["preview"] = preview
-    return TrainConfig.from_dict(values)
+class _DefaultsShown(argparse.HelpFormatter):
+    """'(default: X)' after every option that has a real default and does not say its default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default in ("", argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dreamartist_ext", description=__doc__,
+def build_parser(prog: str = "dreamartist") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dreamartist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="learn a concept from one (or a few) images")
     train.add_argument("--demo", action="store_true",
-                       help="tiny random model + shipped sample image: the whole pipeline in ~20 s on 2 CPU cores")
+                       help="tiny random model + shipped sample image: the whole pipeline in ~20 s on 2 CPU cores "
+                            f"(takes none of {', '.join(DEMO_REFUSES)})")
     train.add_argument("--model", help="diffusers folder, or a single-file .safetensors/.ckpt (then also --config)")
     train.add_argument("--config", help="for a single-file model: its LDM .yaml or a diffusers folder with configs")
     train.add_argument("--image", action="append", default=[], help="training image or folder (repeatable)")
-    train.add_argument("--name", help="concept name: the prompt word (its partner NAME-neg is made automatically)")
-    train.add_argument("--out", help="output folder (embeddings/, lora/, log/ go in it)")
-    train.add_argument("--options", help="JSON file with training options (command-line flags override it)")
+    train.add_argument("--name", help=TrainConfig.__dataclass_fields__["name"].metadata["help"])
+    train.add_argument("--out", help="output folder (embeddings/, lora/, log/ go in it; default for --demo: demo-out)")
+    train.add_argument("--options", help="JSON file with training options, as TrainConfig fields (any flag given "
+                                         "on the command line wins, --name and --image included)")
     train.add_argument("--resume", help="checkpoint to resume from exactly (log/checkpoints/NAME-STEP.safetensors)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing pair of the same name")
     train.add_argument("--continue", dest="continue_existing", action="store_true",
@@ -122,40 +95,77 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _add_config_options(train)
 
-    gen = sub.add_parser("generate", help="make images with learned concepts")
-    gen.add_argument("--model", required=False, help="as for train")
-    gen.add_argument("--config", help="as for train")
+    gen = sub.add_parser("generate", help="make images with learned concepts",
+                         formatter_class=_DefaultsShown)
+    gen.add_argument("--model", help="diffusers folder or single-file checkpoint, as for train (--demo: the demo's)")
+    gen.add_argument("--config", help="for a single-file model: its LDM .yaml or a diffusers folder")
     gen.add_argument("--demo", action="store_true",
                      help="use the demo's tiny model and concept (from --concepts, default demo-out)")
     gen.add_argument("--concepts", help="folder holding embeddings/ and lora/ (a train --out folder)")
-    gen.add_argument("--prompt", help="positive prompt; learned words in it are recognised")
+    gen.add_argument("--prompt", help="positive prompt; learned words in it are recognised (--demo: 'a picture of "
+                                      f"{DEMO_NAME}')")
     gen.add_argument("--negative", default="", help="negative prompt; NAME-neg is added for every learned NAME used")
     gen.add_argument("--no-auto-negative", action="store_true", help="do not add NAME-neg to the negative prompt")
     gen.add_argument("--adapter-weight", type=float, default=1.0, help="strength of the learned adapters")
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=7.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--count", type=int, default=1)
-    gen.add_argument("--out", required=False, help="folder for the images")
-    gen.add_argument("--device", default=None)
+    gen.add_argument("--steps", type=int, default=30, help="DDIM sampling steps")
+    gen.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (CFG) scale")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the images: the same seed gives the same images")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: 512, --demo: 64)")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: 512, --demo: 64)")
+    gen.add_argument("--count", type=int, default=1, help="images to make")
+    gen.add_argument("--out", default="generated", help="folder for the images (SEED-INDEX.png)")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     return parser
 
 
+# -- checks made before any model is loaded ------------------------------------------------------------------
+
+
 def _device(choice: str | None) -> torch.device:
-    if choice:
-        return torch.device(choice)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice) if choice else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise InvalidInput(f"--device {choice!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(f"--device {choice} asks for CUDA, which this machine does not have; use --device cpu")
+    return device
 
 
-def _demo_model(out: Path) -> Path:
-    from .tiny import save_tiny_model
+def _read_options_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidInput(f"options file {file} does not exist" if not file.exists() else f"{file} is not a file")
+    try:
+        values = json.loads(file.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise InvalidInput(f"options file {file} is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise InvalidInput(f"options file {file} is not valid JSON (line {error.lineno}, column {error.colno}: "
+                           f"{error.msg})") from None
+    if not isinstance(values, dict):
+        raise InvalidInput(f"options file {file} must hold a JSON object of options, not {type(values).__name__}")
+    return values
 
-    folder = out / "tiny-model"
-    if not (folder / "model_index.json").exists():
-        save_tiny_model(folder)
-    return folder
+
+def _config_from(args: argparse.Namespace, base: dict) -> TrainConfig:
+    """``base`` (demo options or an --options file) with every flag given on the command line on top."""
+    values = dict(base)
+    if getattr(args, "name", None):
+        values["name"] = args.name
+    if getattr(args, "image", None):
+        values["images"] = list(args.image)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in NOT_OPTIONS and getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    preview = values.get("preview", {})
+    if isinstance(preview, dict):  # anything else is refused by from_dict with a sentence
+        preview = dict(preview)
+        for f in dataclasses.fields(PreviewConfig):
+            value = getattr(args, "preview_" + f.name, None)
+            if value is not None:
+                preview[f.name] = value
+    values["preview"] = preview
+    return TrainConfig.from_dict(values)
 
 
 def _demo_options() -> dict:
@@ -167,72 +177,161 @@ def _demo_options() -> dict:
     )
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .diffusers_binding import DiffusersBinding
-    from .trainer import OutputLayout, TrainCallbacks, Trainer
-
+def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainConfig]:
+    """(output folder, model path or None for the demo's tiny model, config); InvalidInput when something lacks."""
     if args.demo:
-        out = Path(args.out or "demo-out")
+        given = [flag for flag, value in (("--image", args.image), ("--name", args.name), ("--model", args.model),
+                                          ("--config", args.config), ("--options", args.options)) if value]
+        if given:
+            # The demo trains the shipped image on a random model: a user's own image or name there would give
+            # meaningless results that look like a real run. Say so instead of silently ignoring them.
+            raise InvalidInput(f"--demo trains the shipped sample image as {DEMO_NAME!r} on a tiny random model and "
+                               f"takes no {', '.join(given)}; drop --demo to train your own images with --model")
+        return Path(args.out or "demo-out"), None, _config_from(args, _demo_options())
+    base = _read_options_file(args.options) if args.options else {}
+    missing = [flag for flag, value in (("--model", args.model), ("--name", args.name or base.get("name")),
+                                        ("--image", args.image or base.get("images")), ("--out", args.out))
+               if not value]
+    if missing:
+        raise InvalidInput(f"train needs {', '.join(missing)} (or --demo)")
+    from .diffusers_binding import check_model_files
+
+    check_model_files(args.model, args.config)
+    return Path(args.out), Path(args.model), _config_from(args, base)
+
+
+# -- training ------------------------------------------------------------------------------------------------
+
+
+def run_train(args: argparse.Namespace, prog: str) -> int:
+    from .outputs import OutputLayout, check_writable_folder
+    from .preparation import prepare_run
+
+    out, model_path, config = _train_inputs(args)
+    device = _device(args.device)
+    check_writable_folder(out)
+    layout = OutputLayout.under(out)
+    prepared = prepare_run(config, layout, resume=args.resume, overwrite=args.overwrite or args.demo,
+                           continue_existing=args.continue_existing)
+    if args.demo:
         print("DreamArtist demo: a TINY RANDOM model (no download) learns the shipped sample image.\n"
               "A random model knows nothing, so its pictures are meaningless noise: this run shows the pipeline\n"
               "working end to end (files, adapters, previews, loss plot). For real results point --model at a\n"
               "Stable Diffusion 1.x checkpoint (diffusers folder, or .safetensors with --config v1-inference.yaml),\n"
               "or use the DreamArtist tab inside the WebUI.\n")
-        model_path, base = _demo_model(out), _demo_options()
-    else:
-        missing = [flag for flag, value in (("--model", args.model), ("--name", args.name), ("--out", args.out))
-                   if not value]
-        if missing or not (args.image or args.options):
-            print(f"error: train needs {', '.join(missing + ([] if args.image else ['--image']))} "
-                  f"(or --demo)", file=sys.stderr)
-            return 2
-        out, model_path = Path(args.out), Path(args.model)
-        base = json.loads(Path(args.options).read_text()) if args.options else {}
-        base.setdefault("name", args.name)
-        if args.image:
-            base["images"] = list(args.image)
-    config = _config_from(args, base)
-    device = _device(args.device)
+    return _train(args, prog, prepared, model_path or _demo_model(out), device, out)
+
+
+def _demo_model(out: Path) -> Path:
+    from .tiny import save_tiny_model
+
+    folder = out / "tiny-model"
+    if not (folder / "model_index.json").exists():
+        save_tiny_model(folder)
+    return folder
+
+
+def _train(args: argparse.Namespace, prog: str, prepared, model_path: Path, device: torch.device, out: Path) -> int:
+    from .diffusers_binding import DiffusersBinding
+    from .trainer import TrainCallbacks, Trainer
+
     started = time.perf_counter()
     binding = DiffusersBinding.load(model_path, config=args.config, device=device)
-    layout = OutputLayout.under(out)
-    bar = tqdm(total=config.steps, desc=f"training {config.name}", unit="step", dynamic_ncols=True)
-
-    def on_step(report) -> None:
-        bar.total = report.total
-        bar.n = report.step
-        bar.set_postfix(loss=f"{report.values.get('loss', float('nan')):.4f}", lr=f"{report.learning_rate:.2g}",
-                        refresh=False)  # one line per step, drawn by refresh() below
-        bar.refresh()
-
-    trainer = Trainer(binding, config, layout, callbacks=TrainCallbacks(on_step=on_step,
-                                                                        preview=_previewer(binding, config)),
-                      resume=args.resume, overwrite=args.overwrite or args.demo,
-                      continue_existing=args.continue_existing)
+    trainer = Trainer(binding, prepared, callbacks=TrainCallbacks(preview=_previewer(binding, prepared.config)))
+    progress = _Progress(prepared.config.name, prepared.steps_total, prepared.start_step)  # drawn once all is well
+    trainer.callbacks.on_step = progress.step
+    before = _file_states(out)
     try:
         result = trainer.run()
     except KeyboardInterrupt:
-        bar.close()
-        print("\ninterrupted before the first save; nothing was written", file=sys.stderr)
-        return 130
+        progress.close()
+        written = _changed_files(out, before)
+        if not written:
+            print("\ninterrupted before the first step; nothing was written", file=sys.stderr)
+        else:  # a second Ctrl-C while saving: every file is whole, written to a temporary file and renamed
+            print("\ninterrupted again while saving; these files were written, each complete:", file=sys.stderr)
+            for path in written:
+                print(f"  {path}", file=sys.stderr)
+        return INTERRUPTED
     finally:
-        bar.close()
+        progress.close()
     print(f"\n{result.status}: {result.message} in {time.perf_counter() - started:.1f} s")
+    _print_files(result, prepared.layout)
+    if result.status == "interrupted" and result.checkpoints:
+        print(f"\nto continue from step {result.step}:\n  {_resume_command(prog, result.checkpoints[-1])}")
+        return INTERRUPTED
+    if args.demo:
+        print(f"\nnext: {prog} generate --demo --concepts {shlex.quote(str(out))} "
+              f"--out {shlex.quote(str(out / 'generated'))}")
+    return 0 if result.status == "finished" else 1
+
+
+def _print_files(result, layout) -> None:
     print("files written:")
     for path in result.files:
         print(f"  {path}")
-    previews = sorted(layout.previews_dir.glob("*.png")) if layout.previews_dir.exists() else []
-    if previews:
-        print(f"  {len(previews)} preview images in {layout.previews_dir}")
-    if args.demo:
-        print(f"\nnext: python -m dreamartist_ext generate --demo --concepts {out} --out {out / 'generated'}")
-    return 0 if result.status != "diverged" else 1
+    earlier = [p for p in result.checkpoints if p not in result.files]
+    if earlier:
+        print(f"  earlier checkpoints of this run: {', '.join(p.name for p in earlier)} (in {layout.checkpoints_dir})")
+    if result.previews:
+        print(f"  {len(result.previews)} preview images in {layout.previews_dir}")
+
+
+def _resume_command(prog: str, checkpoint: Path) -> str:
+    """This command line again, resuming from ``checkpoint`` (an earlier --resume replaced)."""
+    argv, kept, skip = sys.argv[1:], [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--resume":
+            skip = True
+        elif not item.startswith("--resume="):
+            kept.append(item)
+    return shlex.join([*shlex.split(prog), *kept, "--resume", str(checkpoint)])
+
+
+def _file_states(root: Path) -> dict[Path, tuple[int, int]]:
+    if not root.is_dir():
+        return {}
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def _changed_files(root: Path, before: dict[Path, tuple[int, int]]) -> list[Path]:
+    return sorted(p for p, state in _file_states(root).items() if before.get(p) != state)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise (a file, a pipe, CI) plain lines, about PLAIN_PROGRESS_LINES per run."""
+
+    def __init__(self, name: str, total: int, start: int) -> None:
+        self.total = total
+        self.bar = None
+        self.every = max(1, (total - start) // PLAIN_PROGRESS_LINES)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"training {name}", unit="step", dynamic_ncols=True)
+
+    def step(self, report) -> None:
+        loss = report.values.get("loss", float("nan"))
+        if self.bar is not None:
+            self.bar.n = report.step
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{report.learning_rate:.2g}", refresh=False)
+            self.bar.refresh()
+        elif report.step % self.every == 0 or report.step == self.total:
+            from .progress import progress_text
+
+            print(progress_text(report.step, report.total, report.values, report.steps_per_second,
+                                report.eta_seconds) + f" · lr {report.learning_rate:.2g}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _previewer(binding, config: TrainConfig):
-    from .names import negative_name
+    from .prompt_words import complete_negative
     from .sampling import SampleRequest, generate
 
     preview = config.preview
@@ -240,8 +339,8 @@ def _previewer(binding, config: TrainConfig):
     def make(step: int):
         prompt = preview.prompt.replace("[name]", config.name)
         negative = preview.negative_prompt.replace("[name]", config.name)
-        if config.use_negative and negative_name(config.name) not in negative:
-            negative = f"{negative}, {negative_name(config.name)}" if negative else negative_name(config.name)
+        if config.use_negative:
+            negative, _ = complete_negative(negative, [config.name])
         return generate(binding, SampleRequest(
             prompt, negative, steps=preview.steps, guidance=preview.guidance, seed=preview.seed,
             width=preview.width or config.width, height=preview.height or config.height, count=preview.count))
@@ -249,42 +348,50 @@ def _previewer(binding, config: TrainConfig):
     return make
 
 
+# -- generating ----------------------------------------------------------------------------------------------
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from .adapters import BranchAdapters
     from .concepts import composed_adapters, list_concepts, load_concept, words_of
-    from .diffusers_binding import DiffusersBinding
-    from .names import negative_name
+    from .diffusers_binding import DiffusersBinding, check_model_files
+    from .outputs import OutputLayout, check_writable_folder
+    from .prompt_words import complete_negative, find_learned_names
     from .sampling import SampleRequest, generate
-    from .trainer import OutputLayout
 
     if args.demo:
         root = Path(args.concepts or "demo-out")
         model_path, concepts_root = Path(args.model) if args.model else root / "tiny-model", root
         prompt = args.prompt or f"a picture of {DEMO_NAME}"
-        width = args.width or 64
-        height = args.height or 64
+        width, height = args.width or 64, args.height or 64
     else:
         if not (args.model and args.concepts and args.prompt):
-            print("error: generate needs --model, --concepts and --prompt (or --demo)", file=sys.stderr)
-            return 2
+            raise InvalidInput("generate needs --model, --concepts and --prompt (or --demo)")
         model_path, concepts_root, prompt = Path(args.model), Path(args.concepts), args.prompt
         width, height = args.width or 512, args.height or 512
+    if not concepts_root.is_dir():
+        raise InvalidInput(f"--concepts {concepts_root} is not a folder (give a train --out folder)")
+    for label, value, low, high in (("--steps", args.steps, 1, 1000), ("--count", args.count, 1, 64),
+                                    ("--width", width, 64, 4096), ("--height", height, 64, 4096)):
+        if not low <= value <= high:
+            raise InvalidInput(f"{label} {value} must be between {low} and {high}")
+    check_model_files(model_path, args.config)
+    out = Path(args.out)
+    check_writable_folder(out)
+    device = _device(args.device)
     layout = OutputLayout.under(concepts_root)
-    known = {c.name.lower(): c.name for c in list_concepts(layout.embeddings_dir, layout.lora_dir)}
-    used = [known[w.lower()] for w in re.findall(r"[\w.\-]+", prompt) if w.lower() in known]
-    used = list(dict.fromkeys(used))
+    names = [c.name for c in list_concepts(layout.embeddings_dir, layout.lora_dir)]
+    used = find_learned_names(prompt, names)
     if not used:
         print(f"note: no learned concept of {layout.embeddings_dir} appears in the prompt", file=sys.stderr)
     concepts = [load_concept(name, layout.embeddings_dir, layout.lora_dir) for name in used]
     negative = args.negative
     if not args.no_auto_negative:
-        for concept in concepts:
-            if concept.negative is not None and negative_name(concept.name) not in negative:
-                negative = f"{negative}, {negative_name(concept.name)}" if negative else negative_name(concept.name)
-    binding = DiffusersBinding.load(model_path, config=args.config, device=_device(args.device))
+        negative, _ = complete_negative(negative, [c.name for c in concepts if c.negative is not None])
+    binding = DiffusersBinding.load(model_path, config=args.config, device=device)
+    if width % binding.size_multiple or height % binding.size_multiple:
+        raise InvalidInput(f"image size {width}x{height} must be a multiple of {binding.size_multiple} for this model")
     layers = composed_adapters(concepts, {c.name: args.adapter_weight for c in concepts})
-    out = Path(args.out or "generated")
-    out.mkdir(parents=True, exist_ok=True)
     adapters = BranchAdapters.from_layers(binding.adapter_sites(), layers) if layers else None
     binding.adapters = adapters
     try:
@@ -295,23 +402,22 @@ def run_generate(args: argparse.Namespace) -> int:
         binding.adapters = None
         if adapters is not None:
             adapters.detach()
+    from . import files
+
+    out.mkdir(parents=True, exist_ok=True)
     print(f"prompt: {prompt}\nnegative: {negative}")
     for i, image in enumerate(images):
-        path = out / f"{args.seed:06d}-{i}.png"
-        image.save(path)
+        path = files.atomic_write(out / f"{args.seed:06d}-{i}.png", lambda tmp, image=image: image.save(tmp, "PNG"))
         print(f"  {path}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import ImageInputError
-    from .trainer import TrainingError
-
+    prog = prog or "dreamartist"
+    args = build_parser(prog).parse_args(argv)
     try:
-        return run_train(args) if args.command == "train" else run_generate(args)
-    except (ConfigError, ImageInputError, TrainingError, FileNotFoundError, ValueError) as error:
+        return run_train(args, prog) if args.command == "train" else run_generate(args)
+    except InvalidInput as error:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

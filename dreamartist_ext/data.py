@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import RESIZE_MODES
+from .errors import InvalidInput
+
 __all__ = [
     "ImageInputError",
     "TrainImage",
@@ -46,7 +49,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 MIN_SIDE: int = 64
 MAX_PIXELS: int = 50_000_000
-RESIZE_MODES: tuple[str, ...] = ("crop", "pad", "stretch")
 
 MASK_SUFFIX = "_att"
 # When several masks exist for one image, lossless formats win.
@@ -63,7 +65,7 @@ _MODES_WITH_COLOUR_KEY = frozenset({"L", "RGB", "P"})  # info["transparency"] ma
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
-class ImageInputError(ValueError):
+class ImageInputError(InvalidInput):
     """Raised for unusable training images; str() lists every offending file with its reason (one per line)."""
 
     problems: list[tuple[Path, str]]
@@ -163,7 +165,8 @@ def read_caption(image_path: Path) -> str:
     try:
         return caption_path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as error:
-        raise ValueError(f"{caption_path}: caption is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise InvalidInput(
+            f"{caption_path}: caption is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -365,7 +368,7 @@ def _prepare_image(path: Path, width: int, height: int, resize: str) -> TrainIma
 
 def _check_training_size(value, label: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % 8:
-        raise ValueError(f"{label} must be a positive multiple of 8 (the VAE downsamples by 8), got {value!r}")
+        raise InvalidInput(f"{label} must be a positive multiple of 8 (the VAE downsamples by 8), got {value!r}")
 
 
 def load_training_images(
@@ -380,7 +383,7 @@ def load_training_images(
     _check_training_size(width, "width")
     _check_training_size(height, "height")
     if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
+        raise InvalidInput(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
     width, height = int(width), int(height)
 
     prepared: list[TrainImage] = []
@@ -438,7 +441,7 @@ def resolve_template(name_or_path: str, extra_dirs: Sequence[Path] = ()) -> Path
     Unknown -> ValueError listing the available names."""
     text = str(name_or_path).strip()
     if not text:
-        raise ValueError("no prompt template given")
+        raise InvalidInput("no prompt template given")
     is_plain_name = not any(separator in text for separator in ("/", "\\", os.sep))
     if is_plain_name:
         name = text[: -len(".txt")] if text.lower().endswith(".txt") else text
@@ -455,7 +458,7 @@ def resolve_template(name_or_path: str, extra_dirs: Sequence[Path] = ()) -> Path
     available = list(BUILTIN_TEMPLATES)
     for directory in extra_dirs:
         available += [name for name in _template_names_in(Path(directory)) if name not in available]
-    raise ValueError(
+    raise InvalidInput(
         f"unknown prompt template {text!r}; available: {', '.join(available)} (or give the path of a .txt file)"
     )
 
@@ -467,7 +470,7 @@ def load_templates(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: template is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise InvalidInput(f"{path}: template is not UTF-8 text ({error.reason} at byte {error.start})") from None
     lines: list[str] = []
     missing_name: list[str] = []
     for line_number, raw_line in enumerate(text.splitlines(), start=1):
@@ -478,12 +481,12 @@ def load_templates(path: Path) -> list[str]:
             missing_name.append(f"line {line_number}: {line!r}")
         lines.append(line)
     if missing_name:
-        raise ValueError(
+        raise InvalidInput(
             f"{path}: every template line needs the [name] placeholder (where the learned word goes); missing on "
             + "; ".join(missing_name)
         )
     if not lines:
-        raise ValueError(f"{path}: template file has no prompt lines")
+        raise InvalidInput(f"{path}: template file has no prompt lines")
     return lines
 
 

@@ -17,12 +17,28 @@ import torch
 from torch import nn
 
 from . import lora_keys
-from .model import AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError, linear_paths
+from .errors import InvalidInput
+from .model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError,
+                    linear_paths)
 
 log = logging.getLogger(__name__)
 
-UNET_TARGETS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
-TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+def check_model_files(model: str | Path, config: str | Path | None = None) -> None:
+    """Refuse (InvalidInput) a model path that cannot be loaded, before spending time on loading it."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
+            raise InvalidInput(f"{path} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
+    elif path.is_file():
+        if config is None:
+            raise InvalidInput(
+                f"{path.name} is a single-file checkpoint: pass --config (its .yaml, or a diffusers folder)")
+        if not Path(config).exists():
+            raise InvalidInput(f"model config {config} does not exist")
+    else:
+        raise InvalidInput(f"model {path} does not exist")
 
 
 class DiffusersBinding(DiffusionBinding):
@@ -80,10 +96,8 @@ class DiffusersBinding(DiffusionBinding):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         path = Path(model)
+        check_model_files(path, config)
         if path.is_dir():
-            if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
-                raise FileNotFoundError(
-                    f"{path} is not a diffusers Stable Diffusion folder (no unet/ or text_encoder/)")
             kwargs = dict(torch_dtype=dtype, local_files_only=True)
             parts = dict(
                 unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
@@ -93,10 +107,7 @@ class DiffusersBinding(DiffusionBinding):
             )
             scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
             fingerprint = _folder_fingerprint(path)
-        elif path.is_file():
-            if config is None:
-                raise ValueError(
-                    f"{path.name} is a single-file checkpoint: pass --config (its .yaml, or a diffusers folder)")
+        else:
             config = Path(config)
             extra = {"config": str(config)} if config.is_dir() else {"original_config": str(config)}
             pipe = StableDiffusionPipeline.from_single_file(
@@ -105,8 +116,6 @@ class DiffusersBinding(DiffusionBinding):
             parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
             scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
             fingerprint = _file_fingerprint(path)
-        else:
-            raise FileNotFoundError(f"model {path} does not exist")
         for name in ("unet", "vae", "text_encoder"):
             parts[name].to(device)
         return cls(**parts, alphas_cumprod=scheduler.alphas_cumprod, name=path.name, model_hash=fingerprint)

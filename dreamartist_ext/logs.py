@@ -1,16 +1,14 @@
-"""Training loss log (CSV) and its plot (PNG drawn with PIL; the host has no matplotlib to rely on)."""
+"""Training loss log (CSV) and its plot (PNG drawn with matplotlib, which the host has through gradio)."""
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
-
-from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_write
 
@@ -123,7 +121,7 @@ _WIDTH, _HEIGHT = 960, 540
 _SUPERSAMPLE = 3  # lines are drawn 3x larger and scaled down: anti-aliasing without matplotlib
 _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 84, 28, 64, 64
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-_BACKGROUND, _GRID, _AXIS, _TEXT, _MUTED = "#ffffff", "#e6e6e6", "#555555", "#222222", "#777777"
+_SIZE_INCHES, _DPI = (9.6, 5.4), 100  # 960 x 540 px
 _LOG_SCALE_DECADES = 2.0  # switch to a log axis when the values span more than this many decades
 
 
@@ -151,9 +149,8 @@ def plot_losses(
     average_window = _average_window(len(series[first])) if first else 0
     average = _moving_average(series[first], average_window, log_scale) if average_window else []
 
-    axes = _Axes.fit(series, log_scale)
-    image = _render(series, average, average_window, axes, title=title, fields=fields)
-    return atomic_write(png_path, lambda temp: image.save(temp, format="PNG"))
+    png = _render(series, average, average_window, log_scale, title=title)
+    return atomic_write(png_path, lambda temp: temp.write_bytes(png))
 
 
 def _finite_points(rows: Sequence[Mapping[str, float]], field: str) -> list[tuple[float, float]]:
@@ -187,266 +184,39 @@ def _moving_average(points: list[tuple[float, float]], window: int, log_scale: b
     return averaged
 
 
-class _Axes:
-    """Data ranges, ticks and the data -> pixel transform of the plot area."""
+def _render(series: Mapping[str, list[tuple[float, float]]], average: list[tuple[float, float]],
+            average_window: int, log_scale: bool, *, title: str) -> bytes:
+    # The object API, not pyplot: no global figure state, safe in the host's threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    def __init__(self, x_range, y_range, x_ticks, y_ticks, log_scale):
-        self.x0, self.x1 = x_range
-        self.y0, self.y1 = y_range  # in log10 units when log_scale
-        self.x_ticks, self.y_ticks, self.log_scale = x_ticks, y_ticks, log_scale
-        self.left, self.top = _MARGIN_LEFT, _MARGIN_TOP
-        self.right, self.bottom = _WIDTH - _MARGIN_RIGHT, _HEIGHT - _MARGIN_BOTTOM
-
-    @classmethod
-    def fit(cls, series: Mapping[str, list[tuple[float, float]]], log_scale: bool) -> _Axes:
-        xs = [x for points in series.values() for x, _ in points]
-        ys = [y for points in series.values() for _, y in points]
-        x_low, x_high = (min(xs), max(xs)) if xs else (0.0, 1.0)
-        if x_high - x_low < 1:  # a single step: give it some room
-            x_low, x_high = x_low - 1, x_high + 1
-        x_step = _nice_step(x_low, x_high, 8, integer=True)
-        x_low = math.floor(x_low / x_step) * x_step  # start at a tick: the axis reads from its left end
-        x_ticks = _nice_ticks(x_low, x_high, x_step, integer=True)
-
-        if log_scale:
-            logs = [math.log10(y) for y in ys] or [0.0, 1.0]
-            low, high = math.floor(min(logs)), math.ceil(max(logs))
-            if high == low:
-                high += 1
-            y_ticks = _log_ticks(low, high)
-            return cls((x_low, x_high), (low, high), x_ticks, y_ticks, True)
-
-        y_low, y_high = (min(ys), max(ys)) if ys else (0.0, 1.0)
-        if y_high - y_low <= 1e-12 * max(1.0, abs(y_high)):  # flat line
-            pad = abs(y_high) * 0.1 or 1.0
-            y_low, y_high = y_low - pad, y_high + pad
-        # A little air above and below the data (not below zero for a non-negative loss), then extend to the
-        # enclosing ticks, so the axis starts and ends on a labelled value.
-        pad = 0.04 * (y_high - y_low)
-        y_low, y_high = (y_low - pad if y_low - pad >= 0 or y_low < 0 else 0.0), y_high + pad
-        y_step = _nice_step(y_low, y_high, 7)
-        y_low = math.floor(y_low / y_step + 1e-9) * y_step
-        y_high = math.ceil(y_high / y_step - 1e-9) * y_step
-        y_ticks = _nice_ticks(y_low, y_high, y_step)
-        return cls((x_low, x_high), (y_low, y_high), x_ticks, y_ticks, False)
-
-    def pixel(self, x: float, y: float, scale: int = 1) -> tuple[float, float]:
-        t = math.log10(y) if self.log_scale else y
-        px = self.left + (x - self.x0) / (self.x1 - self.x0) * (self.right - self.left)
-        py = self.bottom - (t - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
-        return px * scale, py * scale
-
-
-def _nice_step(low: float, high: float, target: int, integer: bool = False) -> float:
-    """A 1/2/5 x 10^k tick spacing giving about ``target`` ticks over [low, high] (at least 1 if ``integer``)."""
-    raw = (high - low) / max(1, target - 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = min((m * magnitude for m in (1, 2, 5, 10)), key=lambda candidate: abs(math.log(candidate / raw)))
-    return max(1.0, round(step)) if integer else step
-
-
-def _nice_ticks(low: float, high: float, step: float, integer: bool = False) -> list[tuple[float, str]]:
-    """(value, label) of every multiple of ``step`` in [low, high]."""
-    decimals = 0 if integer else max(0, -math.floor(math.log10(step) + 1e-9))
-    first = math.ceil(low / step - 1e-9)
-    ticks = []
-    for index in range(first, first + 100):
-        value = index * step
-        if value > high + step * 1e-9:
-            break
-        ticks.append((value, _tick_label(value, decimals, step)))
-    return ticks
-
-
-def _tick_label(value: float, decimals: int, step: float) -> str:
-    if abs(value) < step * 1e-6:
-        return "0"
-    if decimals > 5 or abs(value) >= 1e6:
-        return f"{value:.2g}"
-    if decimals == 0 and abs(value) >= 10000:
-        return f"{value:,.0f}"
-    return f"{value:.{decimals}f}"
-
-
-def _log_ticks(low: int, high: int) -> list[tuple[float, str]]:
-    ticks = []
-    for exponent in range(low, high + 1):
-        ticks.append((exponent, _decade_label(exponent)))
-        if high - low <= 2 and exponent < high:  # few decades: label 2x and 5x too
-            for multiple in (2, 5):
-                ticks.append((exponent + math.log10(multiple), f"{multiple * 10.0**exponent:g}"))
-    return ticks
-
-
-def _decade_label(exponent: int) -> str:
-    return f"{10.0**exponent:g}" if -3 <= exponent <= 4 else f"1e{exponent}"
-
-
-def _render(series, average, average_window, axes: _Axes, *, title: str, fields: Sequence[str]) -> Image.Image:
-    s = _SUPERSAMPLE
-    canvas = Image.new("RGB", (_WIDTH * s, _HEIGHT * s), _BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-
-    # Grid lines are snapped to whole output pixels so they stay crisp after the downscale.
-    for value, _ in axes.y_ticks:
-        row = round(axes.pixel(axes.x0, 10**value if axes.log_scale else value)[1])
-        draw.rectangle([axes.left * s, row * s, axes.right * s, row * s + s - 1], fill=_GRID)
-    for value, _ in axes.x_ticks:
-        column = round(axes.pixel(value, _any_y(axes))[0])
-        draw.rectangle([column * s, axes.top * s, column * s + s - 1, axes.bottom * s], fill=_GRID)
-
-    colours = {field: _PALETTE[index % len(_PALETTE)] for index, field in enumerate(fields)}
-    # The first field goes on top, unless its moving average does: then its noisy raw line goes underneath.
-    order = [*fields[1:], *fields[:1]][::-1] if average else [*fields[1:], *fields[:1]]
-    for field in order:
-        points = series[field]
-        faded = bool(average) and field == fields[0]
-        colour = _blend(colours[field], 0.4) if faded else colours[field]
-        _draw_series(draw, axes, points, colour, width=1.6 * s, markers=len(points) <= 40)
+    figure = Figure(figsize=_SIZE_INCHES, dpi=_DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for index, (field, points) in enumerate(series.items()):
+        colour = _PALETTE[index % len(_PALETTE)]
+        faded = index == 0 and bool(average)  # the raw first field under its moving average
+        if points:
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, color=colour, linewidth=1.0, alpha=0.35 if faded else 1.0,
+                      marker="o" if len(points) < 10 else None, markersize=3, label=f"{field} (last {ys[-1]:.4g})")
     if average:
-        _draw_series(draw, axes, average, _darken(colours[fields[0]]), width=2.6 * s, markers=False)
-
-    # Axis lines: left and bottom only.
-    draw.rectangle([axes.left * s - s + 1, axes.top * s, axes.left * s, axes.bottom * s + s - 1], fill=_AXIS)
-    draw.rectangle([axes.left * s, axes.bottom * s, axes.right * s, axes.bottom * s + s - 1], fill=_AXIS)
-
-    image = canvas.resize((_WIDTH, _HEIGHT), Image.LANCZOS)
-    _draw_text(image, series, average, average_window, axes, colours, title=title, fields=fields)
-    return image
-
-
-def _any_y(axes: _Axes) -> float:
-    return 10**axes.y0 if axes.log_scale else axes.y0
-
-
-def _draw_series(draw, axes: _Axes, points, colour: str, *, width: float, markers: bool) -> None:
-    s = _SUPERSAMPLE
-    pixels = [axes.pixel(x, y, s) for x, y in points]
-    if len(pixels) > 1:
-        draw.line(pixels, fill=colour, width=round(width), joint="curve")
-    if markers or len(pixels) == 1:
-        radius = 2.6 * s
-        for px, py in pixels:
-            draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=colour)
-
-
-def _draw_text(image, series, average, average_window, axes: _Axes, colours, *, title, fields) -> None:
-    draw = ImageDraw.Draw(image)
-    small, regular, bold = _font(12), _font(13), _font(17, bold=True)
-
-    for value, label in axes.y_ticks:
-        row = round(axes.pixel(axes.x0, 10**value if axes.log_scale else value)[1])
-        draw.line([axes.left - 5, row, axes.left - 1, row], fill=_AXIS)
-        _text(draw, (axes.left - 9, row), label, small, _TEXT, anchor="rm")
-    for value, label in axes.x_ticks:
-        column = round(axes.pixel(value, _any_y(axes))[0])
-        draw.line([column, axes.bottom + 1, column, axes.bottom + 5], fill=_AXIS)
-        _text(draw, (column, axes.bottom + 9), label, small, _TEXT, anchor="mt")
-
-    _text(draw, ((axes.left + axes.right) / 2, _HEIGHT - 18), "step", regular, _TEXT, anchor="ms")
-    y_label = (fields[0] if len(fields) == 1 else "value") + (" (log scale)" if axes.log_scale else "")
-    _vertical_text(image, (16, (axes.top + axes.bottom) / 2), y_label, regular)
-
-    _text(draw, (axes.left, 28), title, bold, _TEXT, anchor="ls")
-    summary = _summary(series, average, fields)
-    if summary:
-        _text(draw, (axes.right, 28), summary, small, _MUTED, anchor="rs")
-
+        xs, ys = zip(*average)
+        axes.plot(xs, ys, color=_PALETTE[0], linewidth=2.0, label=f"{next(iter(series))}, mean of {average_window}")
+    if log_scale:
+        axes.set_yscale("log")
     if not any(series.values()):
-        _text(draw, ((axes.left + axes.right) / 2, (axes.top + axes.bottom) / 2), "no data yet", regular, _MUTED, "mm")
-        return
-    entries = [(field, colours[field], 2) for field in fields]
-    if average:
-        entries[0] = (fields[0], _blend(colours[fields[0]], 0.4), 2)
-        entries.append((f"{fields[0]}, {average_window}-point moving average", _darken(colours[fields[0]]), 3))
-    _legend(draw, axes, entries, small, series, average)
-
-
-def _summary(series, average, fields) -> str:
-    points = series[fields[0]] if fields else []
-    if not points:
-        return ""
-    step, value = points[-1]
-    text = f"step {step:,.0f}   {fields[0]} {value:.4g}"
-    if average:
-        text += f"   (avg {average[-1][1]:.4g})"
-    return text
-
-
-def _legend(draw, axes: _Axes, entries, font, series, average) -> None:
-    line_length, gap, padding, spacing, inset = 22, 8, 8, 18, 10
-    text_width = max(_text_size(draw, label, font)[0] for label, _, _ in entries)
-    box_width = padding * 2 + line_length + gap + text_width
-    box_height = padding * 2 + spacing * len(entries) - 4
-    corners = [  # preference order: top right, top left, bottom right, bottom left
-        (axes.right - box_width - inset, axes.top + inset),
-        (axes.left + inset, axes.top + inset),
-        (axes.right - box_width - inset, axes.bottom - box_height - inset),
-        (axes.left + inset, axes.bottom - box_height - inset),
-    ]
-    pixels = [axes.pixel(x, y) for points in [*series.values(), average] for x, y in points]
-
-    def covered(corner):  # how many data points the box would hide
-        x0, y0 = corner
-        return sum(1 for px, py in pixels if x0 - 4 <= px <= x0 + box_width + 4 and y0 - 4 <= py <= y0 + box_height + 4)
-
-    x0, y0 = min(corners, key=covered)  # min() keeps the first of equals: the preferred corner
-    draw.rectangle([x0, y0, x0 + box_width, y0 + box_height], fill="#ffffff", outline="#cccccc")
-    for index, (label, colour, width) in enumerate(entries):
-        row = y0 + padding + spacing * index + 7
-        draw.line([x0 + padding, row, x0 + padding + line_length, row], fill=colour, width=width)
-        _text(draw, (x0 + padding + line_length + gap, row), label, font, _TEXT, anchor="lm")
-
-
-def _text(draw, xy, text, font, fill, anchor) -> None:
-    if isinstance(font, ImageFont.FreeTypeFont):
-        draw.text(xy, text, font=font, fill=fill, anchor=anchor)
-        return
-    # Bitmap fallback font: no anchor support, so place the box by hand.
-    width, height = _text_size(draw, text, font)
-    x, y = xy
-    x -= {"l": 0, "m": width / 2, "r": width}[anchor[0]]
-    y -= {"t": 0, "m": height / 2, "s": height, "b": height}[anchor[1]]
-    draw.text((x, y), text, font=font, fill=fill)
-
-
-def _text_size(draw, text, font) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _vertical_text(image: Image.Image, center, text: str, font) -> None:
-    width, height = _text_size(ImageDraw.Draw(image), text, font)
-    label = Image.new("RGB", (width + 4, height + 8), _BACKGROUND)
-    _text(ImageDraw.Draw(label), (2, (height + 8) / 2), text, font, _TEXT, anchor="lm")
-    rotated = label.rotate(90, expand=True)
-    image.paste(rotated, (round(center[0] - rotated.width / 2), round(center[1] - rotated.height / 2)))
-
-
-_FONT_FILES = {
-    False: ("DejaVuSans.ttf", "Arial.ttf", "arial.ttf", "LiberationSans-Regular.ttf", "Helvetica.ttc"),
-    True: ("DejaVuSans-Bold.ttf", "Arial Bold.ttf", "arialbd.ttf", "LiberationSans-Bold.ttf", "Helvetica.ttc"),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _font(size: int, bold: bool = False):
-    # Pillow searches the system font folders for these names; the bitmap default is the last resort.
-    for name in _FONT_FILES[bold]:
-        try:
-            return ImageFont.truetype(name, size)
-        except OSError:
-            continue
-    return ImageFont.load_default()
-
-
-def _blend(colour: str, amount: float) -> str:
-    """``colour`` mixed with white; ``amount`` is how much of the colour remains."""
-    red, green, blue = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
-    mix = [round(channel * amount + 255 * (1 - amount)) for channel in (red, green, blue)]
-    return "#" + "".join(f"{channel:02x}" for channel in mix)
-
-
-def _darken(colour: str) -> str:
-    red, green, blue = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
-    return "#" + "".join(f"{round(channel * 0.75):02x}" for channel in (red, green, blue))
+        axes.text(0.5, 0.5, "no finite values yet", transform=axes.transAxes, ha="center", va="center",
+                  color="#777777")
+    else:
+        axes.legend(loc="upper right", fontsize="small")
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(True, color="#e6e6e6")
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # a name in a script the default font lacks shows as boxes, not a warning
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        figure.tight_layout()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()

@@ -17,6 +17,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .errors import InvalidInput
+
 if TYPE_CHECKING:
     from .adapters import BranchAdapters
 
@@ -24,6 +26,9 @@ POS = "pos"
 NEG = "neg"
 BRANCHES = (POS, NEG)
 CHECKPOINTED_PARTS = ("unet", "decoder")
+# The Linear layers adapters go on, by path suffix; the same in diffusers and in the host's ldm model.
+UNET_TARGETS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
+TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
 def linear_paths(root: nn.Module, suffixes: Sequence[str]) -> tuple[str, ...]:
@@ -35,7 +40,7 @@ def linear_paths(root: nn.Module, suffixes: Sequence[str]) -> tuple[str, ...]:
     )
 
 
-class UnsupportedModelError(RuntimeError):
+class UnsupportedModelError(InvalidInput):
     """The loaded model is not one DreamArtist can train on (yet)."""
 
 

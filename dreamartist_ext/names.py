@@ -1,19 +1,28 @@
 """Concept names: what a user may call a learned word, and how its negative partner is named.
 
 A concept name ends up in three places: a file stem under the host's ``embeddings/`` folder, a word in a
-prompt, and a word in the negative prompt (``name-neg``). The rules below keep all three working.
+prompt, and a word in the negative prompt (``name-neg``). The host takes any file stem as an embedding name and
+finds it in a prompt by its tokens, so a name may be written in any script (``猫の絵``) and hold inner spaces. The
+rules below refuse only what breaks one of the three places: path syntax, the host's prompt syntax, characters a
+file system or a prompt cannot carry, and names Windows reserves.
 """
 from __future__ import annotations
 
-import string
+import unicodedata
 from typing import Iterable
 
-NEG_SUFFIX = "-neg"
-MAX_NAME_LENGTH = 64
+from .errors import InvalidInput
 
-# ASCII only: the prompt word must tokenize exactly like the file stem the host derives the embedding name
-# from, and the host's prompt syntax uses ()[]:<>|, — none of which may appear in a name.
-_ALLOWED_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_-.")
+NEG_SUFFIX = "-neg"
+MAX_NAME_LENGTH = 64  # characters; 64 CJK characters + "-neg.safetensors" stay under 255 bytes of UTF-8
+NAME_RULES = (f"Letters and digits of any script, '_', '-', '.' and single inner spaces; at most {MAX_NAME_LENGTH} "
+              f"characters. The negative is saved as name{NEG_SUFFIX}")
+
+_ALLOWED_PUNCTUATION = frozenset("_-.")
+# Letters, marks (the vowel signs of Devanagari, Thai ...: part of the letters of those scripts) and digits.
+# Everything else - the host's prompt syntax ()[]:<>|, and \, characters Windows refuses in file names (*?"), emoji,
+# control and format characters - is refused.
+_ALLOWED_CATEGORIES = ("L", "M", "N")
 
 # Windows refuses these as file names, with or without an extension ("con.safetensors" too).
 _WINDOWS_DEVICE_NAMES = frozenset(
@@ -21,7 +30,7 @@ _WINDOWS_DEVICE_NAMES = frozenset(
 )
 
 
-class InvalidNameError(ValueError):
+class InvalidNameError(InvalidInput):
     """A concept name that cannot be used; the message says exactly why."""
 
 
@@ -49,17 +58,26 @@ def _first_problem(name: str) -> str | None:
         return "the name contains '..'"
     if name[0] in ".-":
         return f"the name starts with {name[0]!r}"
+    if "  " in name:
+        return "the name has two spaces in a row (a prompt cannot tell them from one)"
     for position, character in enumerate(name):
-        if character not in _ALLOWED_CHARACTERS:
+        if not _allowed(character):
             return (
                 f"character {character!r} at position {position} is not allowed "
-                "(use letters A-Z/a-z, digits, '_', '-' or '.')"
+                "(use letters, digits, '_', '-', '.' or single spaces)"
             )
+    if not unicodedata.is_normalized("NFC", name):
+        return "the name uses decomposed accents; write it in composed form (NFC), as keyboards type it"
     if name.lower().endswith(NEG_SUFFIX):
         return f"names ending in {NEG_SUFFIX!r} are reserved: the negative partner gets that name automatically"
     if name.split(".")[0].upper() in _WINDOWS_DEVICE_NAMES:
         return f"{name.split('.')[0]!r} is a reserved device name on Windows"
     return None
+
+
+def _allowed(character: str) -> bool:
+    return (character in _ALLOWED_PUNCTUATION or character == " "
+            or unicodedata.category(character).startswith(_ALLOWED_CATEGORIES))
 
 
 def negative_name(name: str) -> str:

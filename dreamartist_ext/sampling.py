@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .losses import guided_noise, predicted_clean_latents
 from .model import NEG, POS, DiffusionBinding
 
 
@@ -50,14 +51,14 @@ def generate(binding: DiffusionBinding, request: SampleRequest) -> list[Image.Im
     latents = torch.randn(shape, generator=generator).to(binding.device)
     alphas = binding.alphas_cumprod
     timesteps = ddim_timesteps(binding.num_timesteps, request.steps)
+    guidance = torch.full((count,), float(request.guidance), device=binding.device)
     for i, t in enumerate(timesteps):
         t_batch = torch.full((2 * count,), t, device=binding.device, dtype=torch.long)
         eps = binding.predict_noise(torch.cat([latents, latents]), t_batch, context, branches).float()
         eps_neg, eps_pos = eps.chunk(2)
-        eps_hat = eps_neg + request.guidance * (eps_pos - eps_neg)
-        a_t = alphas[t]
+        eps_hat = guided_noise(eps_neg, eps_pos, guidance)  # the training objective's own formulas
         a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0, device=alphas.device)
-        clean = (latents - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+        clean = predicted_clean_latents(latents, eps_hat, alphas[t].expand(count))
         latents = a_prev.sqrt() * clean + (1 - a_prev).sqrt() * eps_hat
     pixels = binding.decode_latents(latents).float().clamp(-1, 1)
     return [to_pil(p) for p in pixels]

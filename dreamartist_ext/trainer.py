@@ -1,6 +1,7 @@
 """The DreamArtist training story, host-agnostic.
 
-    validate everything -> create (or load) the pair -> attach adapters -> cache latents -> loop:
+    prepare_run (preparation.py) -> a Trainer on a binding checks what needs the model -> create (or load) the
+    pair -> attach adapters -> cache latents -> loop:
         draw images, prompts, timesteps and noise from one seeded generator
         one text-encoder call for [negative prompts; positive prompts]
         one U-Net call on [z_t; z_t] with [c_neg; c_pos]        -> eps_neg, eps_pos
@@ -8,80 +9,44 @@
         AdamW on the embeddings and adapters only; skip non-finite steps
     save the pair, the adapters, a resumable checkpoint, the loss log and plot; previews on the way.
 
-Nothing is written before every input has been checked, and the model is handed back exactly as it came.
+A stop request or Ctrl-C ends the run at a step boundary and saves it. Nothing is written before every input has
+been checked, and the model is handed back exactly as it came.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import __version__, files
+from . import files
 from .adapters import AdapterSpec, BranchAdapters
-from .config import ConfigError, TrainConfig
-from .data import TrainImage, load_templates, load_training_images, render_prompt, resolve_template
+from .checkpoints import Counters, restore_checkpoint, save_checkpoint
+from .data import render_prompt
 from .embeddings import EmbeddingPair, create_pair
+from .errors import TrainingError
 from .logs import LossLog, plot_losses
 from .losses import LossTerms, PerceptualLoss, PerceptualLossUnavailable
 from .model import NEG, POS, DiffusionBinding, frozen
+from .names import negative_name
 from .objective import LossInputs, dreamartist_loss
-from .names import negative_name, validate_concept_name
-from .schedules import LearningRateSchedule
+from .outputs import OutputLayout, save_pair
+from .preparation import PreparedRun
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LOG_FIELDS", "OutputLayout", "StepReport", "TrainCallbacks", "TrainResult", "Trainer", "TrainingError"]
+
 LOG_FIELDS = ("loss", "loss_denoise", "loss_rec", "loss_lpips", "lr", "skipped")
-KEEP_CHECKPOINTS = 3
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or cannot go on; the message says why and what to do."""
-
-
-# -- where files go -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    embeddings_dir: Path
-    lora_dir: Path
-    log_dir: Path
-
-    @classmethod
-    def under(cls, root: str | Path) -> "OutputLayout":
-        root = Path(root)
-        return cls(root / "embeddings", root / "lora", root / "log")
-
-    def embedding_path(self, word: str) -> Path:
-        return self.embeddings_dir / f"{word}.safetensors"
-
-    def lora_path(self, word: str) -> Path:
-        return self.lora_dir / f"{word}.safetensors"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.log_dir / "checkpoints"
-
-    @property
-    def previews_dir(self) -> Path:
-        return self.log_dir / "previews"
-
-    @property
-    def loss_csv(self) -> Path:
-        return self.log_dir / "loss.csv"
-
-    @property
-    def loss_png(self) -> Path:
-        return self.log_dir / "loss.png"
 
 
 # -- what the caller sees -----------------------------------------------------------------------------------------
@@ -102,9 +67,16 @@ class StepReport:
 class TrainResult:
     status: str  # "finished", "interrupted" or "diverged"
     step: int
-    files: list[Path]
+    files: list[Path]  # the final save: pair, adapters, checkpoint, loss log and plot
     message: str
     last_values: dict[str, float] = field(default_factory=dict)
+    start_step: int = 0  # where this run began (a resumed or continued run starts past 0)
+    checkpoints: list[Path] = field(default_factory=list)  # every checkpoint of this run still on disk
+    previews: list[Path] = field(default_factory=list)
+
+    @property
+    def steps_run(self) -> int:
+        return self.step - self.start_step
 
 
 @dataclass
@@ -152,178 +124,68 @@ class _Order:
         return self.order[self.position - 1]
 
     def state(self) -> dict[str, Any]:
-        return {"order": self.order, "position": self.position}
+        return {"order": list(self.order), "position": self.position}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.order, self.position = list(state["order"]), int(state["position"])
 
 
-# -- file metadata and step-0 pairs ----------------------------------------------------------------------------------
-
-
-def embedding_metadata(binding: DiffusionBinding, config: TrainConfig, role: str, step: int, *,
-                       adapters: bool) -> dict[str, Any]:
-    """What every embedding/LoRA file we write says about itself (safetensors header)."""
-    info = binding.model_info()
-    name = config.name
-    return {
-        "name": name if role == "positive" else negative_name(name),
-        "role": role,
-        "partner": negative_name(name) if role == "positive" else name,
-        "step": step,
-        "sd_checkpoint": info.hash,
-        "sd_checkpoint_name": info.name,
-        "architecture": info.architecture,
-        "hyperparameters": config.hyperparameters(),
-        "dreamartist_version": __version__,
-        "adapters": adapters,
-    }
-
-
-def create_pair_files(binding: DiffusionBinding, config: TrainConfig, layout: OutputLayout, *,
-                      overwrite: bool = False) -> list[Path]:
-    """Write a fresh step-0 pair (the WebUI's "create" step); training later continues from these files."""
+@contextlib.contextmanager
+def _interrupt_deferred(on_interrupt: Callable[[], None]) -> Iterator[None]:
+    """Ctrl-C in the middle of the parameter update would leave some tensors updated and others not: a SIGINT
+    that arrives inside this block is only recorded (``on_interrupt``) and the loop stops after the step."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: on_interrupt())
     try:
-        validate_concept_name(config.name)
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
-    words = [config.name] + ([negative_name(config.name)] if config.use_negative else [])
-    existing = [layout.embedding_path(w) for w in words if layout.embedding_path(w).exists()]
-    if existing and not overwrite:
-        raise TrainingError(f"{existing[0].name} already exists in {existing[0].parent}; choose another name or "
-                            f"overwrite it")
-    pair = create_pair(
-        binding, config.name, init_text=config.init_text, positive_vectors=config.positive_vectors,
-        negative_vectors=config.negative_vectors, negative_noise=config.negative_noise,
-        with_negative=config.use_negative, generator=torch.Generator().manual_seed(config.seed),
-    )
-    layout.embeddings_dir.mkdir(parents=True, exist_ok=True)
-    written = [files.save_embedding(layout.embedding_path(config.name), pair.positive,
-                                    embedding_metadata(binding, config, "positive", 0, adapters=False))]
-    if pair.negative is not None:
-        written.append(files.save_embedding(layout.embedding_path(negative_name(config.name)), pair.negative,
-                                            embedding_metadata(binding, config, "negative", 0, adapters=False)))
-    return written
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 # -- the trainer --------------------------------------------------------------------------------------------------
 
 
 class Trainer:
-    def __init__(
-        self,
-        binding: DiffusionBinding,
-        config: TrainConfig,
-        layout: OutputLayout,
-        *,
-        callbacks: TrainCallbacks | None = None,
-        resume: str | Path | None = None,
-        overwrite: bool = False,
-        continue_existing: bool = False,
-        template_dirs: Sequence[Path] = (),
-    ) -> None:
+    """Trains one prepared run on a binding. Building it checks what depends on the model (TrainingError)."""
+
+    def __init__(self, binding: DiffusionBinding, prepared: PreparedRun, *,
+                 callbacks: TrainCallbacks | None = None) -> None:
         self.binding = binding
-        self.config = config
-        self.layout = layout
+        self.prepared = prepared
+        self.config = prepared.config
+        self.layout = prepared.layout
         self.callbacks = callbacks or TrainCallbacks()
-        self.resume = Path(resume) if resume else None
-        self.overwrite = overwrite
-        self.continue_existing = continue_existing
-        self.template_dirs = tuple(template_dirs)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.step = 0
-        self.skipped = 0
-        self.bad_in_a_row = 0
-        self.elapsed = 0.0
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.counters = Counters(step=prepared.existing.step if prepared.existing is not None else 0)
         self.pair: EmbeddingPair | None = None
         self.adapters: BranchAdapters | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.cuda.amp.GradScaler | None = None
         self.perceptual: PerceptualLoss | None = None
-        self._checkpoint: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
-        self._initial_adapters: dict[str, dict[str, files.LoraLayer]] | None = None
-
-    # ---- preparation: everything that can fail, before anything is written --------------------------------------
-
-    def prepare(self) -> None:
-        config = self.config
-        try:
-            config.validate(self.binding.size_multiple)
-        except ConfigError as error:
-            raise TrainingError(str(error)) from None
-        if not config.images:
-            raise TrainingError("no training images given")
-        self.guidance = config.guidance_schedule()
-        self.images: list[TrainImage] = load_training_images(config.images, config.width, config.height,
-                                                             resize=config.resize)
-        template_path = resolve_template(config.template, self.template_dirs)
-        self.templates = load_templates(template_path)
-        if config.uses_reconstruction and config.perceptual_weight > 0:
-            try:
-                self.perceptual = PerceptualLoss(self.binding.device, random_trunk=config.perceptual_random_trunk)
-            except PerceptualLossUnavailable as error:
-                raise TrainingError(str(error)) from None
-        if self.resume is not None:
-            self._checkpoint = self._read_checkpoint(self.resume)
-        else:
-            self._check_existing_files()
-        # like the WebUI: an embedding schedule whose last item names a step ends training there
-        schedule_end = LearningRateSchedule.parse(config.embedding_lr).end_step
-        self.steps_total = min(config.steps, schedule_end) if schedule_end else config.steps
+        self._interrupt_pending = False
+        self._checkpoints: list[Path] = []
+        self._previews: list[Path] = []
+        self._check_model()
         self.precision = self._pick_precision()
 
-    def _check_existing_files(self) -> None:
-        config = self.config
-        words = [config.name] + ([negative_name(config.name)] if config.use_negative else [])
-        existing = [self.layout.embedding_path(w) for w in words if self.layout.embedding_path(w).exists()]
-        if existing and not (self.overwrite or self.continue_existing):
-            raise TrainingError(
-                f"{existing[0].name} already exists in {existing[0].parent}; choose another name, overwrite it, "
-                f"or continue training it"
-            )
-        if existing and self.continue_existing and not self.overwrite:
-            vectors = {}
-            for word in words:
-                path = self.layout.embedding_path(word)
-                if not path.exists():
-                    raise TrainingError(f"cannot continue: {path.name} is missing next to {existing[0].name}")
-                vectors[word], meta = files.load_embedding(path)
-                if word == config.name:
-                    self.step = int(meta.get("step", 0) or 0)
-            negative = vectors.get(negative_name(config.name))
-            self.pair = EmbeddingPair(config.name, vectors[config.name], negative)
-            # the saved pair decides the vector counts (the metadata must describe what is written)
-            self.config = config = dataclasses.replace(
-                config, positive_vectors=self.pair.positive.shape[0],
-                negative_vectors=negative.shape[0] if negative is not None else config.negative_vectors)
-            if self.pair.positive.shape[1] != self.binding.token_dim:
-                raise TrainingError(
-                    f"{config.name} has {self.pair.positive.shape[1]}-wide vectors; this model needs "
-                    f"{self.binding.token_dim} (it was made for another model family)"
-                )
-            self._initial_adapters = {}
-            for branch, word in ((POS, config.name), (NEG, negative_name(config.name))):
-                path = self.layout.lora_path(word)
-                if config.uses_adapters and path.exists():
-                    self._initial_adapters[branch], _ = files.load_lora(path)
+    @property
+    def step(self) -> int:
+        return self.counters.step
 
-    def _read_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        if not path.is_file():
-            raise TrainingError(f"checkpoint {path} does not exist")
-        try:
-            tensors, state = files.load_training_state(path)
-        except ValueError as error:
-            raise TrainingError(f"checkpoint {path.name} cannot be read: {error}") from None
-        saved = TrainConfig.from_dict(state["config"])
-        # Options that shape tensors or the random stream must match for an exact continuation.
-        for key in ("name", "positive_vectors", "negative_vectors", "use_negative", "unet_rank", "text_rank",
-                    "batch_size", "gradient_accumulation", "seed", "width", "height", "latent_sampling", "flip"):
-            if getattr(saved, key) != getattr(self.config, key):
-                raise TrainingError(
-                    f"checkpoint {path.name} was made with {key}={getattr(saved, key)!r}, this run has "
-                    f"{getattr(self.config, key)!r}; resume with the same setting"
-                )
-        return tensors, state
+    @property
+    def steps_total(self) -> int:
+        return self.prepared.steps_total
+
+    def _check_model(self) -> None:
+        self.config.validate(self.binding.size_multiple)
+        existing = self.prepared.existing
+        if existing is not None and existing.positive.shape[1] != self.binding.token_dim:
+            raise TrainingError(
+                f"{self.config.name} has {existing.positive.shape[1]}-wide vectors; this model needs "
+                f"{self.binding.token_dim} (it was made for another model family)"
+            )
 
     def _pick_precision(self) -> torch.dtype | None:
         choice, cuda = self.config.precision, self.binding.device.type == "cuda"
@@ -343,9 +205,15 @@ class Trainer:
     # ---- the run --------------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        self.prepare()
-        binding, config = self.binding, self.config
-        if self.pair is None:
+        binding, config, prepared = self.binding, self.config, self.prepared
+        if config.uses_reconstruction and config.perceptual_weight > 0:
+            try:
+                self.perceptual = PerceptualLoss(binding.device, random_trunk=config.perceptual_random_trunk)
+            except PerceptualLossUnavailable as error:
+                raise TrainingError(str(error)) from None
+        if prepared.existing is not None:
+            self.pair = EmbeddingPair(config.name, prepared.existing.positive, prepared.existing.negative)
+        else:
             self.pair = create_pair(
                 binding, config.name, init_text=config.init_text, positive_vectors=config.positive_vectors,
                 negative_vectors=config.negative_vectors, negative_noise=config.negative_noise,
@@ -357,7 +225,7 @@ class Trainer:
             stack.enter_context(binding.training_context())
             if config.uses_adapters:
                 self.adapters = stack.enter_context(self._make_adapters())
-                for branch, layers in (self._initial_adapters or {}).items():
+                for branch, layers in (prepared.existing.adapters if prepared.existing else {}).items():
                     self.adapters.load(branch, layers, source=f"{branch} adapter of {config.name}")
                 binding.adapters = self.adapters
                 stack.callback(setattr, binding, "adapters", None)
@@ -372,9 +240,12 @@ class Trainer:
             self._cache = self._cache_images()
             self._order = _Order(len(self._cache))
             self._make_optimizer()
+            if prepared.checkpoint is not None:
+                self.counters, order = restore_checkpoint(
+                    prepared.checkpoint, pair=self.pair, adapters=self.adapters, optimizer=self.optimizer,
+                    generator=self.generator, scaler=self.scaler)
+                self._order.restore(order)
             self.loss_log = LossLog(self.layout.loss_csv, LOG_FIELDS)
-            if self._checkpoint is not None:
-                self._restore(*self._checkpoint)
             self.loss_log.truncate_after(self.step)
             return self._loop()
 
@@ -392,7 +263,7 @@ class Trainer:
     def _cache_images(self) -> list[_CachedImage]:
         """Encode every image (and its mirror when flipping) once; keep only latents on the device."""
         cached = []
-        for image in self.images:
+        for image in self.prepared.images:
             for flipped in ((False, True) if self.config.flip else (False,)):
                 pixels = image.pixels.flip(-1) if flipped else image.pixels
                 weight = image.weight.flip(-1) if (flipped and image.weight is not None) else image.weight
@@ -420,25 +291,20 @@ class Trainer:
         return cached
 
     def _make_optimizer(self) -> None:
-        config, pair = self.config, self.pair
-        groups = [{"params": [pair.positive], "schedule": config.embedding_lr, "scale": 1.0, "label": "embedding"}]
+        config, pair, rates = self.config, self.pair, self.prepared.learning_rates
+        groups = [([pair.positive], rates["embedding"], 1.0)]
         if pair.negative is not None:
-            groups.append({"params": [pair.negative], "schedule": config.embedding_lr,
-                           "scale": config.negative_lr_scale, "label": "negative embedding"})
+            groups.append(([pair.negative], rates["embedding"], config.negative_lr_scale))
         if self.adapters is not None:
-            for part, schedule in (("unet", config.unet_lr), ("te", config.text_lr)):
+            for part in ("unet", "te"):
                 for branch, scale in ((POS, 1.0), (NEG, config.negative_adapter_lr_scale)):
                     params = self.adapters.parameters(branch, part)
                     if params:
-                        groups.append({"params": params, "schedule": schedule, "scale": scale,
-                                       "label": f"{branch} {part} adapter"})
-        for group in groups:
-            group["schedule"] = LearningRateSchedule.parse(group["schedule"])
-        self._schedules = [(g.pop("schedule"), g.pop("scale")) for g in groups]
-        for group in groups:
-            group.pop("label")
+                        groups.append((params, rates[part], scale))
+        self._schedules = [(schedule, scale) for _, schedule, scale in groups]
         self.optimizer = torch.optim.AdamW(
-            groups, lr=1e-3, betas=tuple(config.adam_betas), weight_decay=config.weight_decay
+            [{"params": params} for params, _, _ in groups], lr=1e-3, betas=tuple(config.adam_betas),
+            weight_decay=config.weight_decay,
         )
         if self.precision == torch.float16:
             self.scaler = torch.cuda.amp.GradScaler()
@@ -454,52 +320,70 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------------------
 
     def _loop(self) -> TrainResult:
-        config = self.config
+        config, counters = self.config, self.counters
         status, message = "finished", ""
         values: dict[str, float] = {}
         started, start_step = time.perf_counter(), self.step
         while self.step < self.steps_total:
-            if self.callbacks.should_stop():
-                status, message = "interrupted", f"interrupted at step {self.step}"
+            if self.callbacks.should_stop() or self._interrupt_pending:
+                status = "interrupted"
                 break
-            lr = self._set_learning_rates(self.step)
-            values, finite = self._optimizer_step()
-            self.step += 1
-            self.loss_log.append(self.step, {**values, "lr": lr, "skipped": float(not finite)})
+            boundary = self.generator.get_state(), self._order.state()
+            try:
+                lr = self._set_learning_rates(self.step)
+                values, finite = self._optimizer_step()
+            except KeyboardInterrupt:  # Ctrl-C mid-step: drop the step in flight, save the boundary it began at
+                self.generator.set_state(boundary[0])
+                self._order.restore(boundary[1])
+                self.optimizer.zero_grad(set_to_none=True)
+                status = "interrupted"
+                break
+            counters.step += 1
             if finite:
-                self.bad_in_a_row = 0
+                counters.bad_in_a_row = 0
             else:
-                self.skipped += 1
-                self.bad_in_a_row += 1
+                counters.skipped += 1
+                counters.bad_in_a_row += 1
                 log.warning("step %d: non-finite loss or gradient, update skipped", self.step)
-                if self.bad_in_a_row >= config.max_bad_steps:
+            try:  # the step is done: an interrupt from here on stops at this boundary
+                self.loss_log.append(self.step, {**values, "lr": lr, "skipped": float(not finite)})
+                if counters.bad_in_a_row >= config.max_bad_steps:
                     status = "diverged"
                     message = (
-                        f"the loss was not finite for {self.bad_in_a_row} steps in a row (last at step {self.step}); "
-                        f"the last good state was kept. Lower the learning rate or the guidance, or use fp32."
+                        f"the loss was not finite for {counters.bad_in_a_row} steps in a row (last at step "
+                        f"{self.step}); the last good state was kept. Lower the learning rate or the guidance, or "
+                        f"use fp32."
                     )
                     break
-            done = self.step - start_step
-            elapsed = time.perf_counter() - started
-            rate = done / elapsed if elapsed > 0 else 0.0
-            if self.callbacks.on_step:
-                self.callbacks.on_step(StepReport(
-                    self.step, self.steps_total, values, lr, rate,
-                    (self.steps_total - self.step) / rate if rate > 0 else math.inf, self.skipped,
-                ))
-            if config.save_every and self.step % config.save_every == 0 and self.step < self.steps_total:
-                self._save(intermediate=True)
-            if config.preview_every and self.step % config.preview_every == 0 and self.step < self.steps_total:
-                self._preview()
-        self.elapsed += time.perf_counter() - started
-        written = self._save(intermediate=False)
-        if config.preview_every and status == "finished":
+                done, elapsed = self.step - start_step, time.perf_counter() - started
+                rate = done / elapsed if elapsed > 0 else 0.0
+                if self.callbacks.on_step:
+                    self.callbacks.on_step(StepReport(
+                        self.step, self.steps_total, values, lr, rate,
+                        (self.steps_total - self.step) / rate if rate > 0 else math.inf, counters.skipped,
+                    ))
+                if config.save_every and self.step % config.save_every == 0 and self.step < self.steps_total:
+                    self._save()
+                if config.preview_every and self.step % config.preview_every == 0 and self.step < self.steps_total:
+                    self._preview()
+            except KeyboardInterrupt:
+                status = "interrupted"
+                break
+        counters.elapsed += time.perf_counter() - started
+        written = self._save()
+        if status == "finished":  # previews at the end whatever preview_every says (0 = only then)
             self._preview()
-        if status == "finished":
-            message = f"trained {config.name} for {self.step} steps"
-            if self.skipped:
-                message += f" ({self.skipped} non-finite steps skipped)"
-        return TrainResult(status, self.step, written, message, values)
+        steps_run = self.step - self.prepared.start_step
+        if status == "interrupted":
+            message = f"interrupted at step {self.step} after {steps_run} steps of this run"
+        elif status == "finished":
+            message = f"trained {config.name} for {steps_run} steps"
+            if self.prepared.start_step:
+                message += f" (from step {self.prepared.start_step} to {self.step})"
+            if counters.skipped:
+                message += f" ({counters.skipped} non-finite steps skipped)"
+        return TrainResult(status, self.step, written, message, values, start_step=self.prepared.start_step,
+                           checkpoints=[p for p in self._checkpoints if p.exists()], previews=list(self._previews))
 
     def _optimizer_step(self) -> tuple[dict[str, float], bool]:
         """k micro-batches, one update. Returns the mean loss values and whether the update happened."""
@@ -527,17 +411,21 @@ class Trainer:
             if self.scaler:
                 self.scaler.update(self.scaler.get_scale() / 2)  # what a skipped fp16 step would do
             return sums or {"loss": float("nan")}, False
-        if config.clip_mode == "value":
-            torch.nn.utils.clip_grad_value_(self._trainable(), config.clip_value)
-        elif config.clip_mode == "norm":
-            torch.nn.utils.clip_grad_norm_(self._trainable(), config.clip_value)
-        if self.scaler:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
+        with _interrupt_deferred(self._note_interrupt):
+            if config.clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(self._trainable(), config.clip_value)
+            elif config.clip_mode == "norm":
+                torch.nn.utils.clip_grad_norm_(self._trainable(), config.clip_value)
+            if self.scaler:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return sums, True
+
+    def _note_interrupt(self) -> None:
+        self._interrupt_pending = True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision is None:
@@ -549,8 +437,9 @@ class Trainer:
         samples = []
         for _ in range(config.batch_size):
             index = self._order.next(generator)
-            template = self.templates[int(torch.randint(len(self.templates), (1,), generator=generator))]
-            caption = self.images[index // (2 if config.flip else 1)].caption
+            templates = self.prepared.templates
+            template = templates[int(torch.randint(len(templates), (1,), generator=generator))]
+            caption = self.prepared.images[index // (2 if config.flip else 1)].caption
             prompt = render_prompt(template, "[name]", caption, shuffle_tags=config.shuffle_tags,
                                    tag_dropout=config.tag_dropout, generator=generator)
             samples.append(_Sample(index, prompt))
@@ -587,7 +476,7 @@ class Trainer:
             if config.reconstruction_scale < 1:
                 inputs.crop = self._random_crop(latents.shape[-2:])
         return dreamartist_loss(
-            binding, inputs, guidance=self.guidance, reconstruction_weight=config.reconstruction_weight,
+            binding, inputs, guidance=self.prepared.guidance, reconstruction_weight=config.reconstruction_weight,
             perceptual=self.perceptual, perceptual_weight=config.perceptual_weight,
         )
 
@@ -602,79 +491,22 @@ class Trainer:
 
     # ---- saving, previews, resuming ---------------------------------------------------------------------------
 
-    def _metadata(self, role: str) -> dict[str, Any]:
-        return embedding_metadata(self.binding, self.config, role, self.step, adapters=self.adapters is not None)
-
-    def _save(self, *, intermediate: bool) -> list[Path]:
-        """Write the pair, the adapters, a checkpoint and the plot; returns the paths written."""
-        name, pair = self.config.name, self.pair
-        for folder in (self.layout.embeddings_dir, self.layout.lora_dir, self.layout.checkpoints_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        written = [files.save_embedding(self.layout.embedding_path(name), pair.positive.detach(),
-                                        self._metadata("positive"))]
-        if pair.negative is not None:
-            written.append(files.save_embedding(self.layout.embedding_path(negative_name(name)),
-                                                pair.negative.detach(), self._metadata("negative")))
-        if self.adapters is not None:
-            for branch, word, role in ((POS, name, "positive"), (NEG, negative_name(name), "negative")):
-                layers = self.adapters.export(branch)
-                if layers:
-                    meta = {**self._metadata(role), "ss_output_name": word}
-                    written.append(files.save_lora(self.layout.lora_path(word), layers, meta))
-        written.append(self._save_checkpoint())
+    def _save(self) -> list[Path]:
+        """Write the pair, the adapters, a checkpoint, the loss log's plot; returns the paths written."""
+        written = save_pair(self.binding, self.config, self.layout, self.pair, self.step, self.adapters)
+        checkpoint = save_checkpoint(
+            self.layout, self.config, self.counters, pair=self.pair, adapters=self.adapters,
+            optimizer=self.optimizer, generator=self.generator, order=self._order.state(), scaler=self.scaler,
+            model=self.binding.model_info())
+        self._checkpoints = [p for p in self._checkpoints if p != checkpoint] + [checkpoint]
+        written += [checkpoint, self.layout.loss_csv]
         rows = self.loss_log.read()
         if rows:
             fields = [f for f in ("loss", "loss_denoise", "loss_rec") if any(f in r for r in rows)]
-            written.append(plot_losses(rows, self.layout.loss_png, title=f"{name}: loss", fields=fields))
+            written.append(plot_losses(rows, self.layout.loss_png, title=f"{self.config.name}: loss", fields=fields))
         if self.callbacks.on_save:
             self.callbacks.on_save(self.step, written)
         return written
-
-    def _save_checkpoint(self) -> Path:
-        tensors = {"embedding.pos": self.pair.positive.detach().cpu()}
-        if self.pair.negative is not None:
-            tensors["embedding.neg"] = self.pair.negative.detach().cpu()
-        if self.adapters is not None:
-            tensors.update({f"adapter.{k}": v for k, v in self.adapters.state_tensors().items()})
-        optim_tensors, optim_meta = files.flatten_optimizer_state(self.optimizer.state_dict())
-        tensors.update(optim_tensors)
-        tensors["rng.generator"] = files.generator_state_tensor(self.generator)
-        state = {
-            "version": __version__,
-            "step": self.step,
-            "skipped": self.skipped,
-            "bad_in_a_row": self.bad_in_a_row,
-            "elapsed": self.elapsed,
-            "config": self.config.to_dict(),
-            "order": self._order.state(),
-            "optimizer": optim_meta,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "model": self.binding.model_info().__dict__,
-        }
-        path = self.layout.checkpoints_dir / f"{self.config.name}-{self.step:06d}.safetensors"
-        files.save_training_state(path, tensors, state)
-        for old in sorted(self.layout.checkpoints_dir.glob(f"{self.config.name}-*.safetensors"))[:-KEEP_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.pair.positive.copy_(tensors["embedding.pos"])
-            if self.pair.negative is not None:
-                self.pair.negative.copy_(tensors["embedding.neg"])
-        if self.adapters is not None:
-            self.adapters.load_state_tensors({k[len("adapter."):]: v for k, v in tensors.items()
-                                              if k.startswith("adapter.")})
-        optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-        self.optimizer.load_state_dict(files.unflatten_optimizer_state(optim_tensors, state["optimizer"]))
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        files.restore_generator(tensors["rng.generator"], self.generator)
-        self._order.restore(state["order"])
-        self.step = int(state["step"])
-        self.skipped = int(state["skipped"])
-        self.bad_in_a_row = int(state["bad_in_a_row"])
-        self.elapsed = float(state["elapsed"])
 
     def _preview(self) -> None:
         if not self.callbacks.preview:
@@ -694,6 +526,7 @@ class Trainer:
             path = self.layout.previews_dir / f"{self.config.name}-{self.step:06d}-{i}.png"
             files.atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             paths.append(path)
+        self._previews += paths
         if self.callbacks.on_preview:
             self.callbacks.on_preview(self.step, paths)
 

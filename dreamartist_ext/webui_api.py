@@ -13,6 +13,7 @@ new work answer 409. With ``--api-auth`` the routes want the same HTTP Basic cre
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import tempfile
@@ -170,7 +171,7 @@ def _bad_request(error: Exception, status: int = 400) -> HTTPException:
 def _checked_name(name: str) -> None:
     try:
         validate_concept_name(name)
-    except ValueError as error:
+    except REQUEST_ERRORS as error:
         raise _bad_request(error) from None
 
 
@@ -212,24 +213,25 @@ def train(body: TrainBody):
             config = TrainConfig.from_dict({**body.options, "name": body.name, "images": images})
             request = TrainRequest(config, resume=body.resume, overwrite=body.overwrite,
                                    continue_existing=body.continue_existing, preview_sampler=body.preview_sampler)
-            JOBS.validate(request)
+            validated = JOBS.validate(request)
         except BusyError as error:
             raise _bad_request(error, 409) from None
         except REQUEST_ERRORS as error:
             raise _bad_request(ValueError(str(error).replace(staging + "/", "uploaded "))) from None
         kept = None
-        if uploaded:  # validated: keep them with the job's logs, where the job reads them
-            from .webui_binding import host_layout
-
-            kept = host_layout(body.name).log_dir / "uploads" / job_id
+        if uploaded:  # decoded already; the copies are kept with the job's logs as a record of what it trained on
+            kept = validated.prepared.layout.log_dir / "uploads" / job_id
             shutil.copytree(staging, kept)
-            config.images = [str(kept / Path(p).name) if p in uploaded else p for p in images]
+            kept_images = [str(kept / Path(p).name) if p in uploaded else p for p in images]
+            prepared = validated.prepared
+            validated = dataclasses.replace(validated, prepared=dataclasses.replace(
+                prepared, config=dataclasses.replace(prepared.config, images=kept_images)))
         try:
-            JOBS.start(request, job_id=job_id)
-        except (BusyError, *REQUEST_ERRORS) as error:
+            JOBS.start(validated, job_id=job_id)
+        except BusyError as error:
             if kept is not None:
                 shutil.rmtree(kept, ignore_errors=True)
-            raise _bad_request(error, 409 if isinstance(error, BusyError) else 400) from None
+            raise _bad_request(error, 409) from None
     return {"job_id": job_id, "status_url": f"{PREFIX}/jobs/{job_id}", "state": "queued"}
 
 

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from . import lora_keys
-from .model import AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError, linear_paths
-from .trainer import OutputLayout
+from .model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError,
+                    linear_paths)
+from .outputs import OutputLayout
 
 log = logging.getLogger(__name__)
 
-UNET_TARGETS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
-TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
 def check_supported(sd_model) -> None:

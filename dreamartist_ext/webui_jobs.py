@@ -35,16 +35,21 @@ from torch import nn
 from .concepts import list_concepts
 from .config import ConfigError, PreviewConfig, TrainConfig
 from .data import IMAGE_EXTENSIONS, ImageInputError
+from .errors import DreamArtistError, InvalidInput, TrainingError
 from .model import UnsupportedModelError
 from .names import InvalidNameError, clashing_names, negative_name, validate_concept_name
-from .trainer import OutputLayout, StepReport, TrainCallbacks, Trainer, TrainingError, create_pair_files
+from .outputs import OutputLayout, create_pair_files
+from .preparation import PreparedRun, prepare_run
+from .progress import progress_text
+from .prompt_words import complete_negative
+from .trainer import StepReport, TrainCallbacks, Trainer
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BusyError", "ConfigError", "ImageInputError", "InvalidNameError", "JOBS", "JobManager", "JobStatus",
-    "REQUEST_ERRORS", "TrainRequest", "TrainingError", "UnsupportedModelError", "concepts", "create_pair",
-    "model_fingerprint", "new_job_id", "preview_settings", "progress_text", "stage_uploads",
+    "REQUEST_ERRORS", "TrainRequest", "TrainingError", "UnsupportedModelError", "ValidatedJob", "concepts",
+    "create_pair", "model_fingerprint", "new_job_id", "preview_settings", "progress_text", "stage_uploads",
 ]
 
 JOB_NAME = "dreamartist"  # shared.state.job while a job runs
@@ -56,12 +61,13 @@ EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp", ".jxl", ".
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
 
-class BusyError(RuntimeError):
+class BusyError(DreamArtistError):
     """A DreamArtist job is already running; the message says which one."""
 
 
-# What a caller should report as "bad request" (all raised before anything is written).
-REQUEST_ERRORS = (ValueError, TrainingError, UnsupportedModelError)
+# What a caller reports as "bad request": bad user input, raised before anything is written. Anything else is a
+# bug and keeps its traceback.
+REQUEST_ERRORS = (InvalidInput,)
 
 
 @dataclass
@@ -122,28 +128,6 @@ def new_job_id() -> str:
 
 
 # -- pure helpers (no host needed) ---------------------------------------------------------------------------------
-
-
-def progress_text(step: int, total: int, values: Mapping[str, float], steps_per_second: float,
-                  eta_seconds: float | None) -> str:
-    """The line shown under the host's progress bar: ``step 120/3000 · loss 0.1234 · 1.9 it/s · ETA 25:10``."""
-    parts = [f"step {step}/{total}"]
-    loss = values.get("loss")
-    if loss is not None:
-        parts.append(f"loss {loss:.4f}" if math.isfinite(loss) else "loss not finite")
-    if steps_per_second > 0:
-        parts.append(f"{steps_per_second:.1f} it/s" if steps_per_second >= 1 else f"{1 / steps_per_second:.1f} s/it")
-    parts.append(f"ETA {_clock(eta_seconds)}")
-    return " · ".join(parts)
-
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "--:--"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 def model_fingerprint(model: nn.Module) -> tuple:
@@ -236,26 +220,13 @@ def preview_settings(config: TrainConfig, from_txt2img: Mapping[str, Any] | None
     sampler_name = values["sampler_name"]
     if sampler_name is not None and not isinstance(sampler_name, str):
         raise ConfigError(f"preview sampler must be a sampler name, got {sampler_name!r}")
-    name, negative_word = config.name, negative_name(config.name)
+    name = config.name
     prompt = values["prompt"].replace("[name]", name)
     negative = values["negative_prompt"].replace("[name]", name)
-    if config.use_negative and negative_word.lower() not in re.findall(r"[\w.\-]+", negative.lower()):
-        negative = f"{negative}, {negative_word}" if negative.strip() else negative_word
+    if config.use_negative:
+        negative, _ = complete_negative(negative, [name])
     return PreviewSettings(prompt, negative, values["steps"], float(cfg), values["seed"], width, height,
                            preview.count, sampler_name or None)
-
-
-def check_options(config: TrainConfig) -> None:
-    """Checks TrainConfig.validate leaves to later (a wrong value there would only fail mid-run)."""
-    betas = config.adam_betas
-    if (not isinstance(betas, tuple) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        raise ConfigError(f"option 'adam_betas' must be two numbers in [0, 1), got {betas!r}")
-    if not isinstance(config.images, list) or not all(isinstance(p, (str, Path)) for p in config.images):
-        raise ConfigError("images must be a list of file or folder paths")
-    if not isinstance(config.preview, PreviewConfig):  # TrainConfig.validate would fail on it with AttributeError
-        raise ConfigError("option 'preview' must be an object with prompt, negative_prompt, steps, guidance, seed, "
-                          "width, height, count")
 
 
 def name_conflicts(name: str, existing: Mapping[str, Path | None], own_files: Sequence[Path]) -> list[str]:
@@ -469,10 +440,20 @@ def _sampler_and_scheduler(name: str | None) -> tuple[str, str]:
 # -- jobs ----------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ValidatedJob:
+    """A request that passed JobManager.validate, with what the job consumes: the prepared run (images decoded
+    once) and the preview settings."""
+
+    request: TrainRequest
+    prepared: PreparedRun
+    preview: PreviewSettings
+
+
 @dataclass
 class _Job:
     status: JobStatus
-    request: TrainRequest | None
+    validated: ValidatedJob | None
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -488,8 +469,9 @@ class JobManager:
 
     # ---- checks ---------------------------------------------------------------------------------------------
 
-    def validate(self, request: TrainRequest) -> None:
-        """Every check that can be made before training; raises one of REQUEST_ERRORS, writes nothing."""
+    def validate(self, request: TrainRequest) -> "ValidatedJob":
+        """Every check that can be made before training; raises one of REQUEST_ERRORS, writes nothing. The result
+        is what ``start`` and ``run_blocking`` take: the job trains on it without checking or decoding again."""
         from modules import shared
 
         from .webui_binding import WebuiBinding, check_supported, host_layout
@@ -498,41 +480,35 @@ class JobManager:
         if not isinstance(config, TrainConfig):
             raise ConfigError("the request has no training configuration")
         validate_concept_name(config.name)  # before any path is built from it
-        check_options(config)
         sd_model = shared.sd_model
         check_supported(sd_model)
         binding = WebuiBinding(sd_model)
-        config.validate(binding.size_multiple)  # the options first: preview sizes derive from them
         layout = host_layout(config.name)
+        prepared = prepare_run(config, layout, resume=request.resume, overwrite=request.overwrite,
+                               continue_existing=request.continue_existing, template_dirs=_template_dirs(),
+                               size_multiple=binding.size_multiple)
         check_name_free(config.name, layout)
-        _sampler_and_scheduler(preview_settings(config, request.preview_from_txt2img,
-                                                request.preview_sampler).sampler_name)
-        # The trainer's own preparation checks images, templates, schedules, sizes and existing files. LPIPS is
-        # left out here: building it is slow and its weight was range-checked above.
-        checked = dataclasses.replace(config, perceptual_weight=0.0) if config.perceptual_weight > 0 else config
-        Trainer(binding, checked, layout, resume=request.resume, overwrite=request.overwrite,
-                continue_existing=request.continue_existing, template_dirs=_template_dirs()).prepare()
+        preview = preview_settings(prepared.config, request.preview_from_txt2img, request.preview_sampler)
+        _sampler_and_scheduler(preview.sampler_name)
+        Trainer(binding, prepared)  # the checks that need the model (token width, precision); writes nothing
+        return ValidatedJob(request, prepared, preview)
 
     # ---- running --------------------------------------------------------------------------------------------
 
-    def start(self, request: TrainRequest, job_id: str | None = None) -> str:
-        """Validate, then train in a background thread that waits for the host's queue; returns the job id."""
-        self.ensure_idle()
-        self.validate(request)
-        job = self._reserve(request, job_id)
+    def start(self, validated: "ValidatedJob", job_id: str | None = None) -> str:
+        """Train a validated request in a background thread that waits for the host's queue; returns the job id."""
+        job = self._reserve(validated, job_id)
         job.thread = threading.Thread(target=self._run_with_queue_lock, args=(job,), daemon=True,
                                       name=f"dreamartist-job-{job.status.id}")
         job.thread.start()
         return job.status.id
 
-    def run_blocking(self, request: TrainRequest, job_id: str | None = None, *,
+    def run_blocking(self, validated: "ValidatedJob", job_id: str | None = None, *,
                      take_queue_lock: bool = True) -> JobStatus:
-        """Validate and train in the calling thread; returns the final status (errors during training end in
-        state "failed", they are not raised). With ``take_queue_lock=False`` the caller must already hold
+        """Train a validated request in the calling thread; returns the final status (errors during training end
+        in state "failed", they are not raised). With ``take_queue_lock=False`` the caller must already hold
         ``modules.call_queue.queue_lock`` and have called ``shared.state.begin`` (wrap_gradio_gpu_call does)."""
-        self.ensure_idle()
-        self.validate(request)
-        job = self._reserve(request, job_id)
+        job = self._reserve(validated, job_id)
         if take_queue_lock:
             self._run_with_queue_lock(job)
         else:
@@ -592,14 +568,15 @@ class JobManager:
         if self._activity is not None:
             raise BusyError(f"DreamArtist is busy {self._activity}; try again in a moment")
 
-    def _reserve(self, request: TrainRequest, job_id: str | None) -> _Job:
+    def _reserve(self, validated: ValidatedJob, job_id: str | None) -> _Job:
         with self._lock:
             self._raise_if_busy()
             job_id = job_id or new_job_id()
             if job_id in self._jobs:
-                raise ValueError(f"job id {job_id!r} is already in use")
-            job = _Job(JobStatus(job_id, name=request.config.name, total=request.config.steps,
-                                 message="waiting for the host's queue"), request)
+                raise ValueError(f"job id {job_id!r} is already in use")  # a bug of the caller, not user input
+            prepared = validated.prepared
+            job = _Job(JobStatus(job_id, name=prepared.config.name, total=prepared.steps_total,
+                                 message="waiting for the host's queue"), validated)
             self._jobs[job_id] = job
             self._active = job
             finished = sorted((j for j in self._jobs.values() if not j.status.active),
@@ -636,12 +613,12 @@ class JobManager:
         """Train; never raises for a training problem: the outcome goes into the job's status."""
         from modules import errors, shared
 
-        from .webui_binding import WebuiBinding, host_layout
+        from .webui_binding import WebuiBinding
 
-        request, state = job.request, shared.state
-        config = request.config
+        prepared, state = job.validated.prepared, shared.state
+        config = prepared.config
         self._update(job, state="running", started_at=time.time(), message="preparing")
-        state.job, state.job_count, state.job_no = JOB_NAME, config.steps, 0
+        state.job, state.job_count, state.job_no = JOB_NAME, prepared.steps_total, 0
         state.textinfo = f"DreamArtist: preparing {config.name}"
         sd_model, before, layout = None, None, None
         outcome: dict[str, Any] = {"state": "failed", "error": "stopped unexpectedly",
@@ -654,17 +631,15 @@ class JobManager:
             _settle_host_networks(sd_model)
             before = host_fingerprint(sd_model)
             binding = WebuiBinding(sd_model)
-            layout = host_layout(config.name)
-            trainer = Trainer(binding, config, layout, callbacks=self._callbacks(job, layout),
-                              resume=request.resume, overwrite=request.overwrite,
-                              continue_existing=request.continue_existing, template_dirs=_template_dirs())
+            layout = prepared.layout
+            trainer = Trainer(binding, prepared, callbacks=self._callbacks(job, layout))
             trainer.callbacks.preview = self._previewer(job, trainer)
             result = trainer.run()
             outcome = {"state": result.status, "step": result.step, "files": [str(p) for p in result.files],
                        "message": result.message + (" (saved)" if result.status == "interrupted" else "")}
             if result.last_values:
                 outcome["values"] = {**job.status.values, **result.last_values}  # keeps the last "lr"
-        except REQUEST_ERRORS as error:  # a problem with the input found once running: no traceback needed
+        except REQUEST_ERRORS as error:  # a problem with the input found once running (e.g. LPIPS weights)
             outcome = {"state": "failed", "error": str(error), "message": f"failed: {error}"}
         except Exception as error:
             outcome = {"state": "failed", "error": f"{type(error).__name__}: {error}",
@@ -732,8 +707,7 @@ class JobManager:
         return TrainCallbacks(on_step=on_step, on_save=on_save, on_preview=on_preview, should_stop=should_stop)
 
     def _previewer(self, job: _Job, trainer: Trainer):
-        request = job.request
-        settings = preview_settings(request.config, request.preview_from_txt2img, request.preview_sampler)
+        settings = job.validated.preview
         sampler, scheduler = _sampler_and_scheduler(settings.sampler_name)
 
         def preview(step: int) -> list:

@@ -21,10 +21,11 @@ from modules.ui_common import create_refresh_button
 from modules.ui_components import FormRow, ToolButton
 
 from . import webui_jobs
-from .config import CLIP_MODES, LATENT_SAMPLING, PRECISIONS, RESIZE_MODES, TrainConfig
+from .config import (CLIP_MODES, LATENT_SAMPLING, PRECISIONS, RESIZE_MODES, ConfigError, PreviewConfig, TrainConfig,
+                     option_help)
 from .data import BUILTIN_TEMPLATES, load_templates
-from .guidance import CURVES
-from .names import negative_name, validate_concept_name
+from .errors import InvalidInput
+from .names import NAME_RULES, negative_name, validate_concept_name
 from .webui_binding import host_layout
 
 PREFIX = "dreamartist"
@@ -35,7 +36,6 @@ EXISTING_CHOICES = {  # what to do when the pair already exists -> (continue_exi
     "Start over (replace it)": (False, True),
 }
 NO_CHECKPOINT = "None (start from the saved pair, or a new one)"
-TXT2IMG_PREVIEW_KEYS = ("prompt", "negative_prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height")
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
 # Mistakes a user can make (bad option, missing image, a job already running, unsupported model): shown in the tab
@@ -59,6 +59,17 @@ def _default(key: str) -> Any:
     return getattr(DEFAULTS.preview if owner == "preview" else DEFAULTS, name)
 
 
+def field_info(key: str) -> str | None:
+    """The tab's info line for a config field: its help text from the config (the same text as the CLI's)."""
+    owner, _, name = key.rpartition(".")
+    cls = PreviewConfig if owner == "preview" else TrainConfig
+    try:
+        text = option_help(cls, name)
+    except KeyError:  # a "ui." control or a split field
+        return None
+    return text[:1].upper() + text[1:] if text else None
+
+
 def _js_kwargs(function_name: str) -> dict[str, str]:
     """Gradio 3 calls the client-side hook ``_js``, Gradio 4 ``js``."""
     return {"_js" if GRADIO_MAJOR < 4 else "js": function_name}
@@ -66,6 +77,10 @@ def _js_kwargs(function_name: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The form: components keyed by TrainConfig field ("preview.steps" for PreviewConfig) or by a "ui." control
+
+
+def _info(key: str, info: str | None) -> str | None:
+    return info if info is not None else field_info(key)
 
 
 class TrainForm:
@@ -83,30 +98,33 @@ class TrainForm:
     def number(self, key: str, label: str, *, integer: bool = False, minimum: float | None = None,
                info: str | None = None, maximum: float | None = None):
         return self.add(key, gr.Number(value=_default(key), label=label, precision=0 if integer else None,
-                                       minimum=minimum, maximum=maximum, info=info, elem_id=_elem_id(key)))
+                                       minimum=minimum, maximum=maximum, info=_info(key, info),
+                                       elem_id=_elem_id(key)))
 
     def slider(self, key: str, label: str, minimum: float, maximum: float, step: float, *, info: str | None = None):
         return self.add(key, gr.Slider(minimum=minimum, maximum=maximum, step=step, value=_default(key), label=label,
-                                       info=info, elem_id=_elem_id(key)))
+                                       info=_info(key, info), elem_id=_elem_id(key)))
 
     def textbox(self, key: str, label: str, *, info: str | None = None, placeholder: str | None = None,
                 multiline: bool = False):
         single_line = {} if multiline else {"max_lines": 1}
-        return self.add(key, gr.Textbox(value=_default(key), label=label, info=info, placeholder=placeholder,
+        return self.add(key, gr.Textbox(value=_default(key), label=label, info=_info(key, info),
+                                        placeholder=placeholder,
                                         lines=1, elem_id=_elem_id(key), **single_line))
 
     def checkbox(self, key: str, label: str, *, value: bool | None = None, info: str | None = None):
-        return self.add(key, gr.Checkbox(value=_default(key) if value is None else value, label=label, info=info,
+        return self.add(key, gr.Checkbox(value=_default(key) if value is None else value, label=label,
+                                         info=_info(key, info),
                                          elem_id=_elem_id(key)))
 
     def radio(self, key: str, label: str, choices: Sequence[str], *, info: str | None = None):
-        return self.add(key, gr.Radio(choices=list(choices), value=_default(key), label=label, info=info,
+        return self.add(key, gr.Radio(choices=list(choices), value=_default(key), label=label, info=_info(key, info),
                                       elem_id=_elem_id(key)))
 
     def dropdown(self, key: str, label: str, choices: Sequence[str], *, value: str | None = None,
                  info: str | None = None, allow_custom_value: bool = False):
         return self.add(key, gr.Dropdown(choices=list(choices), value=_default(key) if value is None else value,
-                                         label=label, info=info, allow_custom_value=allow_custom_value,
+                                         label=label, info=_info(key, info), allow_custom_value=allow_custom_value,
                                          elem_id=_elem_id(key)))
 
 
@@ -118,13 +136,13 @@ def _coerce(key: str, value: Any, label: str | None = None) -> Any:
     """Give a form value the type of its TrainConfig default (sliders and numbers may send 3.0 for an int)."""
     default, label = _default(key), label or key
     if value is None or (isinstance(value, str) and not value.strip() and not isinstance(default, str)):
-        raise ValueError(f"{label} is empty")
+        raise ConfigError(f"{label} is empty")
     if isinstance(default, bool):
         return bool(value)
     if isinstance(default, int):
         number = float(value)
         if number != int(number):
-            raise ValueError(f"{label} must be a whole number, got {value}")
+            raise ConfigError(f"{label} must be a whole number, got {value}")
         return int(number)
     if isinstance(default, float):
         return float(value)
@@ -154,7 +172,7 @@ def template_choices() -> list[str]:
         for path in sorted(folder.rglob("*.txt")):
             try:
                 load_templates(path)
-            except ValueError:  # e.g. the host's hypernetwork.txt has no [name]: unusable for an embedding
+            except InvalidInput:  # e.g. the host's hypernetwork.txt has no [name]: unusable for an embedding
                 continue
             choices.append(HOST_TEMPLATE_PREFIX + path.relative_to(folder).as_posix())
     return choices
@@ -172,7 +190,7 @@ def checkpoint_choices(name: str) -> list[str]:
     """Saved training checkpoints of ``name``, newest first (file names in the run's checkpoints folder)."""
     try:
         validate_concept_name(name or "")
-    except ValueError:
+    except InvalidInput:
         return [NO_CHECKPOINT]
     folder = host_layout(name).checkpoints_dir
     found = sorted(folder.glob(f"{name}-*.safetensors"), reverse=True) if folder.is_dir() else []
@@ -181,7 +199,8 @@ def checkpoint_choices(name: str) -> list[str]:
 
 def request_from_form(values: dict[str, Any], txt2img_values: Sequence[Any] = (),
                       labels: dict[str, str] | None = None) -> webui_jobs.TrainRequest:
-    """Build and validate the TrainRequest; a bad value raises ValueError with a sentence for the user."""
+    """Build the TrainRequest from the form; a bad value raises InvalidInput with a sentence for the user (the
+    request is validated as a whole by webui_jobs.JOBS.validate)."""
     options: dict[str, Any] = {}
     preview: dict[str, Any] = {}
     for key, value in values.items():
@@ -206,7 +225,7 @@ def request_from_form(values: dict[str, Any], txt2img_values: Sequence[Any] = ()
     if folder:
         images.append(folder)
     if not images:
-        raise ValueError("add at least one reference image (upload it, or give a folder with images)")
+        raise ConfigError("add at least one reference image (upload it, or give a folder with images)")
     options["images"] = images
     options["template"] = template_option(values["ui.template"])
     if not values["ui.reconstruction"]:
@@ -224,9 +243,9 @@ def request_from_form(values: dict[str, Any], txt2img_values: Sequence[Any] = ()
 
     from_txt2img = None
     if values["ui.preview_from_txt2img"]:
-        from_txt2img = dict(zip(TXT2IMG_PREVIEW_KEYS, txt2img_values))
+        from_txt2img = dict(zip(webui_jobs.PREVIEW_KEYS, txt2img_values))
 
-    config = TrainConfig.from_dict(options).validate()
+    config = TrainConfig.from_dict(options)
     return webui_jobs.TrainRequest(
         config=config, resume=resume, overwrite=overwrite, continue_existing=continue_existing,
         preview_from_txt2img=from_txt2img, preview_sampler=values["ui.preview_sampler"] or None,
@@ -297,8 +316,10 @@ def make_train_handler(form: TrainForm, txt2img_count: int) -> Callable[..., tup
         txt2img_values = args[len(keys):len(keys) + txt2img_count]
         try:
             request = request_from_form(form_values, txt2img_values, labels)
-            # validates first (nothing written on a bad request); a failure while training ends in status.error
-            status = webui_jobs.JOBS.run_blocking(request, take_queue_lock=False)
+            webui_jobs.JOBS.ensure_idle()
+            validated = webui_jobs.JOBS.validate(request)  # nothing is written on a bad request
+            # a failure while training ends in status.error
+            status = webui_jobs.JOBS.run_blocking(validated, take_queue_lock=False)
         except USER_ERRORS as error:
             return gr.update(), gr.update(), gr.update(), gr.update(), error_html(str(error))
         name = request.config.name
@@ -336,25 +357,15 @@ def interrupt_handler() -> None:
 # Layout
 
 
-LR_INFO = "A number or a schedule like '0.005:100, 1e-3:1000, 1e-5' (rate:until step)"
-
-
-def _guidance_info() -> str:
-    curves = "|".join(CURVES)
-    return (f"{DEFAULTS.guidance} as in the paper (5 for styles), or dynamic over the timestep: "
-            f"'low-high[:{curves}]', e.g. '1-5:cos'")
-
-
 def _pair_section(form: TrainForm):
     """Embedding lengths and initialisation; 'Create pair' writes the untrained pair (training also does)."""
     with gr.Accordion("Embedding pair", open=False, elem_id=_elem_id("pair_accordion")):
         with FormRow():
-            form.textbox("init_text", "Initialization text (positive)", info="Words to start from; '*' = none")
-            form.slider("positive_vectors", "Positive vectors", 1, 75, 1, info=f"Paper: {DEFAULTS.positive_vectors}")
-            form.slider("negative_vectors", "Negative vectors", 1, 75, 1,
-                        info=f"Paper: {DEFAULTS.negative_vectors} (original extension: 6)")
+            form.textbox("init_text", "Initialization text (positive)")
+            form.slider("positive_vectors", "Positive vectors", 1, 75, 1)
+            form.slider("negative_vectors", "Negative vectors", 1, 75, 1)
         with FormRow():
-            form.number("negative_noise", "Negative init noise", minimum=0, info="Noise on the empty-text start")
+            form.number("negative_noise", "Negative init noise", minimum=0)
             form.checkbox("use_negative", "Learn the negative embedding (off = plain textual inversion)")
         with FormRow(elem_classes=[f"{PREFIX}-create-row"]):
             overwrite = gr.Checkbox(value=False, label="Overwrite an existing pair",
@@ -366,10 +377,9 @@ def _pair_section(form: TrainForm):
 def _learning_section(form: TrainForm) -> None:
     with gr.Accordion("Learning", open=False, elem_id=_elem_id("learning_accordion")):
         with FormRow():
-            form.textbox("embedding_lr", "Embedding learning rate", info=LR_INFO)
-            form.number("negative_lr_scale", "Negative learning rate scale", minimum=0,
-                        info="Multiplies the rate for the negative embedding")
-        form.textbox("guidance", "Guidance scale", info=_guidance_info())
+            form.textbox("embedding_lr", "Embedding learning rate")
+            form.number("negative_lr_scale", "Negative learning rate scale", minimum=0)
+        form.textbox("guidance", "Guidance scale")
         with FormRow():
             form.number("batch_size", "Batch size (images per step)", integer=True, minimum=1)
             form.number("gradient_accumulation", "Gradient accumulation", integer=True, minimum=1)
@@ -383,7 +393,7 @@ def _learning_section(form: TrainForm) -> None:
             form.number("adam_beta2", "Adam beta 2", minimum=0, maximum=1)
             form.number("max_bad_steps", "Stop after N non-finite steps", integer=True, minimum=1)
         with FormRow():
-            form.dropdown("precision", "Precision", PRECISIONS, info="auto: bf16/fp16 autocast on a GPU, fp32 on CPU")
+            form.dropdown("precision", "Precision", PRECISIONS)
             form.checkbox("gradient_checkpointing", "U-Net gradient checkpointing (less memory, a bit slower)")
 
 
@@ -394,10 +404,8 @@ def _reconstruction_section(form: TrainForm) -> None:
                           value=DEFAULTS.uses_reconstruction)
         with FormRow():
             form.number("reconstruction_weight", "Reconstruction (L1) weight", minimum=0)
-            form.number("perceptual_weight", "LPIPS weight", minimum=0,
-                        info="Needs the AlexNet weights (downloaded once)")
-            form.slider("reconstruction_scale", "Decoded crop", 0.125, 1.0, 0.125,
-                        info="Side fraction of the latent that is decoded (less memory)")
+            form.number("perceptual_weight", "LPIPS weight", minimum=0)
+            form.slider("reconstruction_scale", "Decoded crop", 0.125, 1.0, 0.125)
 
 
 def _adapter_section(form: TrainForm) -> None:
@@ -406,9 +414,9 @@ def _adapter_section(form: TrainForm) -> None:
             form.checkbox("ui.adapters", "Train a positive and a negative LoRA next to the embeddings",
                           value=DEFAULTS.uses_adapters)
         with FormRow():
-            form.number("unet_rank", "U-Net rank", integer=True, minimum=0, info="0 = no U-Net adapter")
-            form.number("text_rank", "Text encoder rank", integer=True, minimum=0, info="0 = no text adapter")
-            form.number("adapter_alpha", "Alpha", minimum=0, info="0 = same as the rank")
+            form.number("unet_rank", "U-Net rank", integer=True, minimum=0)
+            form.number("text_rank", "Text encoder rank", integer=True, minimum=0)
+            form.number("adapter_alpha", "Alpha", minimum=0)
         with FormRow():
             form.textbox("unet_lr", "U-Net learning rate")
             form.textbox("text_lr", "Text encoder learning rate")
@@ -430,16 +438,14 @@ def _data_section(form: TrainForm) -> None:
 def _preview_section(form: TrainForm) -> None:
     with gr.Accordion("Previews and saving", open=False, elem_id=_elem_id("preview_accordion")):
         with FormRow():
-            form.number("save_every", "Save every N steps", integer=True, minimum=0, info="0 = only at the end")
-            form.number("preview_every", "Preview every N steps", integer=True, minimum=0, info="0 = no previews")
+            form.number("save_every", "Save every N steps", integer=True, minimum=0)
+            form.number("preview_every", "Preview every N steps", integer=True, minimum=0)
         with FormRow():
             form.checkbox("ui.preview_from_txt2img", "Take the preview prompt and settings from the txt2img tab",
                           value=False)
         with FormRow():
-            form.textbox("preview.prompt", "Preview prompt", info="[name] is replaced by the concept name",
-                         multiline=True)
-            form.textbox("preview.negative_prompt", "Preview negative prompt", info="[name]-neg is added for you",
-                         multiline=True)
+            form.textbox("preview.prompt", "Preview prompt", multiline=True)
+            form.textbox("preview.negative_prompt", "Preview negative prompt", multiline=True)
         with FormRow():
             samplers = sd_samplers.visible_sampler_names()
             form.dropdown("ui.preview_sampler", "Preview sampler", samplers, value=samplers[0] if samplers else "")
@@ -447,8 +453,8 @@ def _preview_section(form: TrainForm) -> None:
             form.number("preview.guidance", "Preview CFG scale", minimum=1)
             form.number("preview.seed", "Preview seed", integer=True)
         with FormRow():
-            form.number("preview.width", "Preview width", integer=True, minimum=0, info="0 = training width")
-            form.number("preview.height", "Preview height", integer=True, minimum=0, info="0 = training height")
+            form.number("preview.width", "Preview width", integer=True, minimum=0)
+            form.number("preview.height", "Preview height", integer=True, minimum=0)
             form.number("preview.count", "Images per preview", integer=True, minimum=1)
 
 
@@ -476,8 +482,7 @@ def create_train_tab(params) -> None:
                 "embedding (DreamArtist). Only the name and an image are needed; the rest has the paper's "
                 "defaults.</p>")
         with FormRow():
-            name = form.textbox("name", "Concept name", placeholder="e.g. mycat",
-                                info="Letters, digits, '_', '-', '.'; the negative is saved as name-neg")
+            name = form.textbox("name", "Concept name", placeholder="e.g. mycat", info=NAME_RULES)
         with FormRow(elem_id=_elem_id("images_row")):
             form.add("ui.uploads", gr.File(label="Reference images", file_count="multiple", file_types=["image"],
                                            elem_id=_elem_id("uploads")))

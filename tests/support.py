@@ -44,3 +44,12 @@ def state_fingerprint(module: torch.nn.Module) -> dict[str, tuple]:
                      getattr(tensor, "requires_grad", False))
     out["__modules__"] = tuple((n, type(m).__name__) for n, m in module.named_modules())
     return out
+
+
+def make_trainer(binding, config, layout, *, callbacks=None, **flags):
+    """prepare_run then a Trainer on the binding: the two steps the CLI takes around loading the model."""
+    from dreamartist_ext.preparation import prepare_run
+    from dreamartist_ext.trainer import Trainer
+
+    prepared = prepare_run(config, layout, size_multiple=binding.size_multiple, **flags)
+    return Trainer(binding, prepared, callbacks=callbacks)

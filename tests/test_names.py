@@ -13,7 +13,9 @@ from dreamartist_ext.names import (
 
 @pytest.mark.parametrize(
     "name",
-    ["cat", "Cat_Toy", "my-cat", "style.v2", "a", "x" * 64, "neg", "cat-neg2", "console", "COM10", "lpt0", "con_art"],
+    ["cat", "Cat_Toy", "my-cat", "style.v2", "a", "x" * 64, "neg", "cat-neg2", "console", "COM10", "lpt0", "con_art",
+     # the host takes any file stem and matches it by tokens: names in the user's own script, with inner spaces
+     "猫の絵", "my cat", "café", "Ünïcødé", "हिन्दी", "кошка 2", "猫" * 64],
 )
 def test_valid_names_are_returned_unchanged(name):
     assert validate_concept_name(name) is name
@@ -33,12 +35,22 @@ def test_valid_names_are_returned_unchanged(name):
         ("cat..dog", "'..'"),
         (".cat", "starts with '.'"),
         ("-cat", "starts with '-'"),
-        ("my cat", "character ' ' at position 2"),
+        ("my  cat", "two spaces in a row"),
+        ("my\tcat", "character '\\t' at position 2"),
+        ("cat\x00", "character '\\x00' at position 3"),
+        ("cat\u200bdog", "character '\\u200b' at position 3"),  # zero-width space: invisible in a prompt
+        ("cafe\u0301", "composed form (NFC)"),
+        ("猫" * 65, "65 characters long"),
+        ("cat*", "character '*'"),
+        ("cat?", "character '?'"),
+        ("cat|dog", "character '|'"),
+        ("cat🐱", "character '🐱'"),
         ("cat(1)", "character '(' at position 3"),
         ("cat:0.5", "character ':' at position 3"),
         ("cat,dog", "character ','"),
         ("<lora>", "character '<'"),
-        ("café", "character 'é' at position 3"),
+        ("猫の絵-neg", "reserved"),
+        ("nul", "reserved device name"),
         ("cat-neg", "reserved"),
         ("cat-NEG", "reserved"),
         ("CON", "reserved device name"),

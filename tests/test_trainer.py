@@ -18,8 +18,10 @@ from dreamartist_ext.guidance import GuidanceSchedule
 from dreamartist_ext.logs import LossLog
 from dreamartist_ext.model import frozen
 from dreamartist_ext.objective import LossInputs, dreamartist_loss
-from dreamartist_ext.trainer import OutputLayout, TrainCallbacks, Trainer, TrainingError, create_pair_files
-from support import state_fingerprint, tree_snapshot, write_image
+from dreamartist_ext.errors import InvalidInput, TrainingError
+from dreamartist_ext.outputs import OutputLayout, create_pair_files
+from dreamartist_ext.trainer import TrainCallbacks
+from support import make_trainer, state_fingerprint, tree_snapshot, write_image
 
 
 def small_config(images, **overrides) -> TrainConfig:
@@ -35,7 +37,7 @@ def small_config(images, **overrides) -> TrainConfig:
 def test_a_run_writes_the_pair_adapters_checkpoint_and_logs(binding, reference_image, tmp_path):
     layout = OutputLayout.under(tmp_path / "out")
     config = small_config([reference_image], steps=4, save_every=2)
-    result = Trainer(binding, config, layout).run()
+    result = make_trainer(binding, config, layout).run()
     assert result.status == "finished" and result.step == 4
     vectors, meta = files.load_embedding(layout.embedding_path("cube"))
     neg, neg_meta = files.load_embedding(layout.embedding_path("cube-neg"))
@@ -62,10 +64,9 @@ def test_loss_falls_when_overfitting_one_image(binding, reference_image, tmp_pat
     lowers the held-out loss by about 20 %."""
     config = small_config([reference_image], steps=100, reconstruction_weight=0.0, embedding_lr="0.05",
                           unet_lr="1e-2", template="none", latent_sampling="deterministic", unet_rank=4, text_rank=0)
-    trainer = Trainer(binding, config, OutputLayout.under(tmp_path / "out"))
-    trainer.prepare()
+    trainer = make_trainer(binding, config, OutputLayout.under(tmp_path / "out"))
     with torch.no_grad():
-        mean, _ = binding.encode_pixels(trainer.images[0].pixels.unsqueeze(0))
+        mean, _ = binding.encode_pixels(trainer.prepared.images[0].pixels.unsqueeze(0))
     g = torch.Generator().manual_seed(123)
     evaluation = LossInputs(
         latents=mean.repeat(16, 1, 1, 1), noise=torch.randn(16, *mean.shape[1:], generator=g),
@@ -99,13 +100,13 @@ def test_resume_continues_bit_identically(binding, reference_image, tmp_path):
     config = small_config([reference_image], steps=6, save_every=3, flip=True, latent_sampling="random",
                           tag_dropout=0.3, reconstruction_scale=0.5)
     straight = OutputLayout.under(tmp_path / "straight")
-    Trainer(binding, config, straight).run()
+    make_trainer(binding, config, straight).run()
     resumed = OutputLayout.under(tmp_path / "resumed")
     partial = small_config([reference_image], steps=3, save_every=3, flip=True, latent_sampling="random",
                            tag_dropout=0.3, reconstruction_scale=0.5)
-    Trainer(binding, partial, resumed).run()
+    make_trainer(binding, partial, resumed).run()
     checkpoint = resumed.checkpoints_dir / "cube-000003.safetensors"
-    result = Trainer(binding, config, resumed, resume=checkpoint).run()
+    result = make_trainer(binding, config, resumed, resume=checkpoint).run()
     assert result.step == 6
     for word in ("cube", "cube-neg"):
         a, _ = files.load_embedding(straight.embedding_path(word))
@@ -121,17 +122,17 @@ def test_resume_continues_bit_identically(binding, reference_image, tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_shape(binding, reference_image, tmp_path):
     layout = OutputLayout.under(tmp_path / "out")
-    Trainer(binding, small_config([reference_image], steps=2, save_every=2), layout).run()
+    make_trainer(binding, small_config([reference_image], steps=2, save_every=2), layout).run()
     other = small_config([reference_image], steps=4, positive_vectors=5)
     with pytest.raises(TrainingError, match="positive_vectors=3"):
-        Trainer(binding, other, layout, resume=layout.checkpoints_dir / "cube-000002.safetensors").run()
+        make_trainer(binding, other, layout, resume=layout.checkpoints_dir / "cube-000002.safetensors").run()
 
 
 def test_interrupt_stops_at_a_step_boundary_and_saves(binding, reference_image, tmp_path):
     layout = OutputLayout.under(tmp_path / "out")
     done = []
     callbacks = TrainCallbacks(on_step=lambda r: done.append(r.step), should_stop=lambda: len(done) >= 3)
-    result = Trainer(binding, small_config([reference_image], steps=50), layout, callbacks=callbacks).run()
+    result = make_trainer(binding, small_config([reference_image], steps=50), layout, callbacks=callbacks).run()
     assert result.status == "interrupted" and result.step == 3
     _, meta = files.load_embedding(layout.embedding_path("cube"))
     assert meta["step"] == 3
@@ -151,7 +152,7 @@ def test_checkpointing_covers_the_decoder_whenever_reconstruction_decodes(bindin
 
     config = small_config([reference_image], steps=2, reconstruction_weight=reconstruction,
                           gradient_checkpointing=checkpointing)
-    Trainer(binding, config, OutputLayout.under(tmp_path / "out"), callbacks=TrainCallbacks(on_step=checkpointed)).run()
+    make_trainer(binding, config, OutputLayout.under(tmp_path / "out"), callbacks=TrainCallbacks(on_step=checkpointed)).run()
     assert binding.checkpointed_modules("unet") and binding.checkpointed_modules("decoder")
     assert seen == [{"unet": {checkpointing}, "decoder": {reconstruction > 0}}] * 2
     assert all("forward" not in m.__dict__ for part in ("unet", "decoder") for m in binding.checkpointed_modules(part))
@@ -162,7 +163,7 @@ def test_non_finite_steps_are_skipped_and_stop_the_run(binding, reference_image,
     layout = OutputLayout.under(tmp_path / "out")
     config = small_config([reference_image], steps=30, embedding_lr="1e30", unet_rank=0, text_rank=0,
                           max_bad_steps=3)
-    result = Trainer(binding, config, layout).run()
+    result = make_trainer(binding, config, layout).run()
     assert result.status == "diverged"
     assert "not finite for 3 steps in a row" in result.message
     rows = LossLog(layout.loss_csv, ()).read()
@@ -178,7 +179,7 @@ def test_every_micro_batch_reaches_the_unet(binding, reference_image, tmp_path):
     try:
         config = small_config([reference_image], steps=2, gradient_accumulation=3, batch_size=2,
                               reconstruction_weight=0)
-        Trainer(binding, config, OutputLayout.under(tmp_path / "out")).run()
+        make_trainer(binding, config, OutputLayout.under(tmp_path / "out")).run()
     finally:
         handle.remove()
     assert calls == [4] * 6  # 2 steps x 3 micro-batches, each one call with [neg; pos] x 2 images
@@ -192,7 +193,7 @@ def test_previews_are_made_with_the_pair_in_place(binding, reference_image, tmp_
     config.preview.steps, config.preview.count = 2, 2
     seen = []
     callbacks = TrainCallbacks(preview=_previewer(binding, config), on_preview=lambda s, p: seen.append((s, p)))
-    Trainer(binding, config, layout, callbacks=callbacks).run()
+    make_trainer(binding, config, layout, callbacks=callbacks).run()
     assert [s for s, _ in seen] == [2, 4]
     assert all(p.exists() for _, paths in seen for p in paths) and len(seen[0][1]) == 2
 
@@ -205,31 +206,31 @@ def test_the_model_comes_back_exactly_even_when_a_run_fails(binding, reference_i
 
     callbacks = TrainCallbacks(on_step=lambda r: explode() if r.step == 2 else None)
     with pytest.raises(RuntimeError, match="boom"):
-        Trainer(binding, small_config([reference_image]), OutputLayout.under(tmp_path / "a"),
+        make_trainer(binding, small_config([reference_image]), OutputLayout.under(tmp_path / "a"),
                 callbacks=callbacks).run()
     assert [state_fingerprint(r) for r in binding.trainable_roots()] == before
     assert binding.adapters is None and binding._words == {}
-    Trainer(binding, small_config([reference_image], steps=2), OutputLayout.under(tmp_path / "b")).run()
+    make_trainer(binding, small_config([reference_image], steps=2), OutputLayout.under(tmp_path / "b")).run()
     assert [state_fingerprint(r) for r in binding.trainable_roots()] == before
 
 
 @pytest.mark.parametrize(
     "change, error, message",
     [
-        (dict(name="../evil"), TrainingError, "path separator|'/'"),
-        (dict(name="cat-neg"), TrainingError, "-neg"),
-        (dict(guidance="3+eval('1')"), TrainingError, "guidance"),
-        (dict(embedding_lr="0.005:100, fast"), TrainingError, "learning rate"),
-        (dict(width=40), TrainingError, "multiple of 16"),
-        (dict(steps=0), TrainingError, "steps"),
-        (dict(template="no-such-template"), ValueError, "no-such-template"),
+        (dict(name="../evil"), InvalidInput, "path separator|'/'"),
+        (dict(name="cat-neg"), InvalidInput, "-neg"),
+        (dict(guidance="3+eval('1')"), InvalidInput, "guidance"),
+        (dict(embedding_lr="0.005:100, fast"), InvalidInput, "learning rate"),
+        (dict(width=40), InvalidInput, "multiple of 16"),
+        (dict(steps=0), InvalidInput, "steps"),
+        (dict(template="no-such-template"), InvalidInput, "no-such-template"),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_written(binding, reference_image, tmp_path, change, error,
                                                             message):
     layout = OutputLayout.under(tmp_path / "out")
     with pytest.raises(error, match=message):
-        Trainer(binding, small_config([reference_image], **change), layout).run()
+        make_trainer(binding, small_config([reference_image], **change), layout).run()
     assert tree_snapshot(tmp_path / "out") == {}
 
 
@@ -238,21 +239,21 @@ def test_a_bad_image_among_good_ones_stops_everything(binding, reference_image, 
     broken.write_bytes(reference_image.read_bytes()[:200])
     layout = OutputLayout.under(tmp_path / "out")
     with pytest.raises(ImageInputError, match="broken.png"):
-        Trainer(binding, small_config([reference_image, broken]), layout).run()
+        make_trainer(binding, small_config([reference_image, broken]), layout).run()
     assert tree_snapshot(tmp_path / "out") == {}
 
 
 def test_an_existing_pair_is_never_overwritten_by_accident(binding, reference_image, tmp_path):
     layout = OutputLayout.under(tmp_path / "out")
-    Trainer(binding, small_config([reference_image], steps=2), layout).run()
+    make_trainer(binding, small_config([reference_image], steps=2), layout).run()
     snapshot = tree_snapshot(tmp_path / "out")
     with pytest.raises(TrainingError, match="already exists"):
-        Trainer(binding, small_config([reference_image], steps=2), layout).run()
+        make_trainer(binding, small_config([reference_image], steps=2), layout).run()
     assert tree_snapshot(tmp_path / "out") == snapshot
     # continuing starts from the saved vectors, adapters and step
-    result = Trainer(binding, small_config([reference_image], steps=3), layout, continue_existing=True).run()
+    result = make_trainer(binding, small_config([reference_image], steps=3), layout, continue_existing=True).run()
     assert result.step == 3
-    result = Trainer(binding, small_config([reference_image], steps=1), layout, overwrite=True).run()
+    result = make_trainer(binding, small_config([reference_image], steps=1), layout, overwrite=True).run()
     assert result.step == 1
 
 
@@ -260,7 +261,7 @@ def test_plain_textual_inversion_mode_writes_no_negative(binding, reference_imag
     layout = OutputLayout.under(tmp_path / "out")
     config = small_config([reference_image], steps=2, use_negative=False, unet_rank=0, text_rank=0,
                           reconstruction_weight=0)
-    Trainer(binding, config, layout).run()
+    make_trainer(binding, config, layout).run()
     assert layout.embedding_path("cube").exists() and not layout.embedding_path("cube-neg").exists()
 
 
@@ -273,7 +274,7 @@ def test_alpha_weighted_images_train(binding, tmp_path):
     alpha.paste(255, (16, 16, 48, 48))
     rgba.putalpha(alpha)
     rgba.save(image)
-    result = Trainer(binding, small_config([image], steps=2), OutputLayout.under(tmp_path / "out")).run()
+    result = make_trainer(binding, small_config([image], steps=2), OutputLayout.under(tmp_path / "out")).run()
     assert result.status == "finished" and math.isfinite(result.last_values["loss"])
 
 
@@ -300,14 +301,72 @@ def test_a_created_pair_is_what_training_continues_from(binding, reference_image
     assert (neg - binding.end_token_vector()).abs().max() < 0.01
     with pytest.raises(TrainingError, match="already exists"):
         create_pair_files(binding, config, layout)
-    result = Trainer(binding, config, layout, continue_existing=True).run()
+    result = make_trainer(binding, config, layout, continue_existing=True).run()
     assert result.step == 2
 
 
 def test_continuing_records_the_saved_pairs_vector_counts(binding, reference_image, tmp_path):
     layout = OutputLayout.under(tmp_path / "out")
     create_pair_files(binding, small_config([reference_image], positive_vectors=2, negative_vectors=5), layout)
-    Trainer(binding, small_config([reference_image], steps=1), layout, continue_existing=True).run()
+    make_trainer(binding, small_config([reference_image], steps=1), layout, continue_existing=True).run()
     vectors, meta = files.load_embedding(layout.embedding_path("cube"))
     assert vectors.shape[0] == 2 and meta["hyperparameters"]["positive_vectors"] == 2
     assert meta["hyperparameters"]["negative_vectors"] == 5
+
+
+def test_ctrl_c_mid_step_drops_that_step_and_saves_a_checkpoint_that_resumes_exactly(binding, reference_image,
+                                                                                      tmp_path):
+    """KeyboardInterrupt inside the 4th step's U-Net call: the run saves step 3 (the boundary), and resuming from
+    that checkpoint gives bit for bit what an uninterrupted run gives."""
+    config = small_config([reference_image], steps=6, latent_sampling="random", tag_dropout=0.3)
+    straight = OutputLayout.under(tmp_path / "straight")
+    make_trainer(binding, config, straight).run()
+    calls = []
+
+    def interrupt_in_step_4(module, args, output):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    layout = OutputLayout.under(tmp_path / "interrupted")
+    handle = binding.unet.register_forward_hook(interrupt_in_step_4)
+    try:
+        result = make_trainer(binding, config, layout).run()
+    finally:
+        handle.remove()
+    assert result.status == "interrupted" and result.step == 3 and "interrupted at step 3" in result.message
+    assert layout.checkpoint_path("cube", 3) in result.files and layout.loss_csv in result.files
+    resumed = make_trainer(binding, config, layout, resume=layout.checkpoint_path("cube", 3)).run()
+    assert resumed.status == "finished" and resumed.steps_run == 3
+    assert resumed.message == "trained cube for 3 steps (from step 3 to 6)"
+    for word in ("cube", "cube-neg"):
+        assert torch.equal(files.load_embedding(straight.embedding_path(word))[0],
+                           files.load_embedding(layout.embedding_path(word))[0])
+
+
+def test_ctrl_c_in_a_callback_after_a_step_saves_that_step(binding, reference_image, tmp_path):
+    def interrupt(report):
+        if report.step == 2:
+            raise KeyboardInterrupt
+
+    layout = OutputLayout.under(tmp_path / "out")
+    result = make_trainer(binding, small_config([reference_image], steps=10), layout,
+                          callbacks=TrainCallbacks(on_step=interrupt)).run()
+    assert result.status == "interrupted" and result.step == 2
+    assert files.load_embedding(layout.embedding_path("cube"))[1]["step"] == 2
+    assert [r["step"] for r in LossLog(layout.loss_csv, ()).read()] == [1, 2]
+
+
+def test_preview_every_0_previews_only_at_the_end(binding, reference_image, tmp_path):
+    seen = []
+    callbacks = TrainCallbacks(preview=lambda step: [], on_preview=lambda step, paths: seen.append(step))
+    make_trainer(binding, small_config([reference_image], steps=3, preview_every=0), OutputLayout.under(tmp_path),
+                 callbacks=callbacks).run()
+    assert seen == [3]
+
+
+def test_a_name_in_another_script_with_spaces_trains(binding, reference_image, tmp_path):
+    layout = OutputLayout.under(tmp_path / "out")
+    result = make_trainer(binding, small_config([reference_image], name="猫の絵 v2", steps=1), layout).run()
+    assert result.status == "finished"
+    assert layout.embedding_path("猫の絵 v2").is_file() and layout.embedding_path("猫の絵 v2-neg").is_file()

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from dreamartist_ext import __version__, files, lora_keys
 from dreamartist_ext.names import negative_name
-from dreamartist_ext.webui_binding import TEXT_TARGETS, UNET_TARGETS
+from dreamartist_ext.model import TEXT_TARGETS, UNET_TARGETS
 
 UNET_KEY = "model.diffusion_model."
 TEXT_KEY = "cond_stage_model.transformer."
