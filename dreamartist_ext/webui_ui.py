@@ -219,8 +219,8 @@ def request_from_form(values: dict[str, Any], txt2img_values: Sequence[Any] = ()
     images = uploaded_paths(values["ui.uploads"])
     unfinished = [Path(path).name for path in images if Path(path).is_file() and Path(path).stat().st_size == 0]
     if unfinished:
-        raise ValueError(f"{', '.join(unfinished)}: 0 bytes arrived (an upload that had not finished?); wait until "
-                         "the upload box shows its size, then press Train again")
+        raise InvalidInput(f"{', '.join(unfinished)}: 0 bytes arrived (an upload that had not finished?); wait until "
+                           "the upload box shows its size, then press Train again")
     folder = str(values["ui.folder"] or "").strip()
     if folder:
         images.append(folder)
