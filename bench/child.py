@@ -243,7 +243,8 @@ def run_ours(spec: dict, work: Path, clock: StepClock) -> dict:
     from dreamartist_ext.outputs import OutputLayout
     from dreamartist_ext.preparation import prepare_run
     from dreamartist_ext.trainer import TrainCallbacks, Trainer
-    from dreamartist_ext.webui_binding import TRAINING_ATTENTION_OPTION, WebuiBinding
+    from dreamartist_ext.webui.binding import WebuiBinding
+    from dreamartist_ext.webui.host import TRAINING_ATTENTION_OPTION
 
     images = write_images(work / "images", spec["size"], 2)
     values = dict(name="benchda", images=[str(p) for p in images], width=spec["size"], height=spec["size"],

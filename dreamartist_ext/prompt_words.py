@@ -11,7 +11,7 @@ host injects:
 - CLIP lower-cases text and cuts it into runs of letters, single digits and runs of other symbols; a name matches
   a run of those pieces, the longest known word first - so ``mycat-neg`` is never counted as ``mycat``.
 The host matches on BPE tokens, which can also find a name inside a longer word; inside the host,
-``webui_inference`` asks the host's own tokenizer. The plain-text rules here serve the JavaScript side's mirror,
+``webui.prompts`` asks the host's own tokenizer. The plain-text rules here serve the JavaScript side's mirror,
 the batch script's prompt building, and a cheap "might this prompt mention a name?" check.
 """
 

@@ -1,7 +1,7 @@
-"""Wires the DreamArtist HTTP API (/dreamartist/v1/...) into the host; the routes live in dreamartist_ext.webui_api."""
+"""Wires the DreamArtist HTTP API (/dreamartist/v1/...) into the host; the routes live in dreamartist_ext.webui.api."""
 
 from modules import script_callbacks
 
-from dreamartist_ext import webui_api
+from dreamartist_ext.webui import api
 
-script_callbacks.on_app_started(webui_api.register)
+script_callbacks.on_app_started(api.register)

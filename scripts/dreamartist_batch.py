@@ -1,12 +1,12 @@
 """Selectable "DreamArtist batch" script: every learned concept x prompt (x guidance) in one run, each with
-``name`` / ``name-neg`` and its adapters routed per CFG branch (dreamartist_ext.webui_inference.run_batch)."""
+``name`` / ``name-neg`` and its adapters routed per CFG branch (dreamartist_ext.webui.batch.run_batch)."""
 
 import gradio as gr
 from fastapi import HTTPException
 
 from modules import scripts
 
-from dreamartist_ext import webui_inference
+from dreamartist_ext.webui import batch
 
 
 class DreamArtistBatch(scripts.Script):
@@ -19,15 +19,15 @@ class DreamArtistBatch(scripts.Script):
                               info="Adapters use the default weight of Settings > DreamArtist",
                               elem_id=f"{tab}_dreamartist_batch_concepts")
         prompts = gr.Textbox(label="Prompts, one per line; [name] stands for the concept", lines=3,
-                             value=webui_inference.BatchPlan.PLACEHOLDER, elem_id=f"{tab}_dreamartist_batch_prompts")
+                             value=batch.BatchPlan.PLACEHOLDER, elem_id=f"{tab}_dreamartist_batch_prompts")
         guidance = gr.Textbox(label="Guidance (CFG) values, comma-separated; empty = the CFG scale above", lines=1,
                               elem_id=f"{tab}_dreamartist_batch_guidance")
         return [concepts, prompts, guidance]
 
     def run(self, p, concepts, prompts, guidance):
         try:
-            return webui_inference.run_batch(p, concepts, prompts, guidance)
-        except webui_inference.BatchArgumentError as error:
+            return batch.run_batch(p, concepts, prompts, guidance)
+        except batch.BatchArgumentError as error:
             if p.is_api:  # a 422 with the sentence, not a server error with a traceback
                 raise HTTPException(status_code=422, detail=f"DreamArtist batch: {error}") from None
             raise

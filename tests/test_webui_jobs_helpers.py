@@ -1,4 +1,4 @@
-"""The host-independent parts of webui_jobs: the model fingerprint behind ``model_restored``, the progress line,
+"""The host-independent parts of webui.jobs and webui.uploads: the model fingerprint behind ``model_restored``, the progress line,
 JSON-safe statuses, preview settings, name clashes, uploaded images, and the one-job-at-a-time slot.
 (Running jobs on the real host is covered by tests/integration/test_api.py.)"""
 
@@ -16,18 +16,17 @@ from support import make_image, make_trainer, tree_snapshot
 from dreamartist_ext.config import ConfigError, TrainConfig
 from dreamartist_ext.data import ImageInputError
 from dreamartist_ext.outputs import OutputLayout
-from dreamartist_ext.webui_jobs import (
+from dreamartist_ext.progress import progress_text
+from dreamartist_ext.webui.jobs import (
     BusyError,
     JobManager,
     JobStatus,
-    Upload,
     fingerprint_difference,
     model_fingerprint,
     name_conflicts,
     preview_settings,
-    progress_text,
-    stage_uploads,
 )
+from dreamartist_ext.webui.uploads import Upload, stage_uploads
 
 
 def _fingerprints(binding):

@@ -1,5 +1,5 @@
 // Drives the txt2img prompts of a running WebUI in headless Chromium: the prompt JavaScript of DreamArtist
-// (javascript/dreamartist_prompts.js) and the extra-networks cards of learned concepts (dreamartist_ext/webui_cards.py).
+// (javascript/dreamartist_prompts.js) and the extra-networks cards of learned concepts (dreamartist_ext/webui/cards.py).
 // Called by tests/integration/test_prompts_browser.py:
 //
 //   node drive_prompts.js '<json>'   with {url, concept, plainConcept, plainEmbedding, userDataDir, chromium,

@@ -24,7 +24,7 @@ _handles = []
 
 
 def _adapters():
-    module = sys.modules.get("dreamartist_ext.webui_inference")
+    module = sys.modules.get("dreamartist_ext.webui.routing")
     return module.active_adapters() if module is not None else None
 
 

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from . import lora_keys
-from .model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError,
-                    linear_paths)
-from .outputs import OutputLayout
+from .. import lora_keys
+from ..model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError,
+                     linear_paths)
+from . import host
 
 log = logging.getLogger(__name__)
-
 
 
 def check_supported(sd_model) -> None:
@@ -43,18 +40,6 @@ def check_supported(sd_model) -> None:
         raise UnsupportedModelError(
             f"this model's conditioning is {key!r}; inpainting and instruct-pix2pix models are not supported yet"
         )
-
-
-def host_layout(name: str) -> OutputLayout:
-    """Where the host looks: its embeddings folder, its LoRA folder (under ``dreamartist/``), and a log folder."""
-    from modules import paths_internal, shared
-
-    lora_root = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths_internal.models_path, "Lora")
-    return OutputLayout(
-        embeddings_dir=Path(shared.cmd_opts.embeddings_dir),
-        lora_dir=Path(lora_root) / "dreamartist",
-        log_dir=Path(paths_internal.data_path) / "dreamartist" / name,
-    )
 
 
 class WebuiBinding(DiffusionBinding):
@@ -94,15 +79,10 @@ class WebuiBinding(DiffusionBinding):
         table = self.token_table.weight.detach().float()
         return table.mean(0), table.std(0)
 
-    def _database(self):
-        from modules import sd_hijack
-
-        return sd_hijack.model_hijack.embedding_db
-
     def _install_words(self, vectors: Mapping[str, torch.Tensor]) -> None:
         from modules.textual_inversion.textual_inversion import Embedding
 
-        db = self._database()
+        db = host.embedding_db()
         for word, tensor in vectors.items():
             if tensor.dim() != 2 or tensor.shape[1] != self.token_dim:
                 raise ValueError(f"{word!r} has shape {tuple(tensor.shape)}, this model needs [n, {self.token_dim}]")
@@ -112,7 +92,7 @@ class WebuiBinding(DiffusionBinding):
             db.register_embedding(embedding, self.sd_model)
 
     def _remove_words(self, vectors: Mapping[str, torch.Tensor]) -> None:
-        db = self._database()
+        db = host.embedding_db()
         for word in vectors:
             previous = self._replaced.pop(word, None)
             db.register_embedding_by_name(previous, self.sd_model, word)
@@ -155,10 +135,10 @@ class WebuiBinding(DiffusionBinding):
     @contextlib.contextmanager
     def training_context(self) -> Iterator[None]:
         """The host model as training needs it: no LoRA left over from the last generation, and an attention
-        implementation whose backward pass is fast (see :func:`training_attention`)."""
-        released = _release_host_networks()
+        implementation whose backward pass is fast (see :func:`host.training_attention`)."""
+        released = host.release_host_networks()
         try:
-            with training_attention():
+            with host.training_attention():
                 yield
         finally:
             if released:
@@ -176,74 +156,3 @@ class WebuiBinding(DiffusionBinding):
             with contextlib.suppress(Exception):
                 short = info.calculate_shorthash() or ""
         return ModelInfo(name=name, hash=short)
-
-
-SETTINGS_SECTION = ("dreamartist", "DreamArtist")
-TRAINING_ATTENTION_OPTION = "dreamartist_training_attention"
-TRAINING_ATTENTION_CHOICES = ("Automatic", "Host setting")
-# Host optimisations that train well as they are; the split ones (InvokeAI, Doggettx, sub-quadratic, V1) slice
-# attention in Python loops that the backward pass replays slice by slice.
-FAST_BACKWARD = ("xformers", "sdp", "sdp-no-mem")
-
-
-def attention_patches() -> tuple[tuple[str, str], ...]:
-    """The host's attention optimiser and the class-level forwards it patches (to check they come back)."""
-    import ldm.modules.attention
-    import ldm.modules.diffusionmodules.model
-    from modules import sd_hijack
-
-    optimizer = sd_hijack.current_optimizer
-    return (
-        ("optimizer", optimizer.name if optimizer is not None else "None"),
-        ("CrossAttention.forward", ldm.modules.attention.CrossAttention.forward.__qualname__),
-        ("AttnBlock.forward", ldm.modules.diffusionmodules.model.AttnBlock.forward.__qualname__),
-    )
-
-
-@contextlib.contextmanager
-def training_attention() -> Iterator[None]:
-    """Train with the host's own "sdp" optimisation (PyTorch scaled-dot-product attention) when the host runs a
-    split attention, then put the host's choice back.
-
-    The split optimisations save memory at inference but their backward is slow: on CPU (where the host picks
-    InvokeAI) a 512 px SD1.5 DreamArtist step took 35.7 s and 13.4 GiB with it, 24.0 s and 8.6 GiB with sdp
-    (bench/run.py). The setting "Host setting", an optimiser already in FAST_BACKWARD, or attention optimisation
-    turned off keep the host's choice."""
-    from modules import sd_hijack, shared
-
-    previous = sd_hijack.current_optimizer
-    wanted = shared.opts.data.get(TRAINING_ATTENTION_OPTION, TRAINING_ATTENTION_CHOICES[0])
-    sdp = next((o for o in sd_hijack.optimizers if o.name == "sdp"), None)
-    if wanted != "Automatic" or sdp is None or previous is None or previous.name in FAST_BACKWARD:
-        yield
-        return
-    sd_hijack.model_hijack.apply_optimizations(sdp.title())
-    try:
-        yield
-    finally:
-        sd_hijack.model_hijack.apply_optimizations(previous.title())
-
-
-def add_settings() -> None:
-    import gradio as gr
-    from modules import shared
-
-    shared.opts.add_option(TRAINING_ATTENTION_OPTION, shared.OptionInfo(
-        TRAINING_ATTENTION_CHOICES[0], "Attention while training", gr.Radio,
-        {"choices": list(TRAINING_ATTENTION_CHOICES)}, section=SETTINGS_SECTION,
-    ).info("Automatic: PyTorch scaled dot product (the host's 'sdp') during training when the host uses a split "
-           "attention (InvokeAI, Doggettx, sub-quadratic, V1), whose backward pass is slow; put back afterwards"))
-
-
-def _release_host_networks() -> bool:
-    """Forget the built-in Lora extension's networks from the last generation, so training sees the base model
-    (its patched forward restores the original weights when no network is wanted)."""
-    try:
-        import networks  # extensions-builtin/Lora, on sys.path inside the host
-    except ImportError:
-        return False
-    loaded = getattr(networks, "loaded_networks", None)
-    if not loaded:
-        return False
-    loaded.clear()
-    return True

@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .names import negative_name
-from .webui_inference import LEARNED
+from ..names import negative_name
+from .learned import LEARNED
 
 TEXTUAL_INVERSION_PAGE = "textual inversion"  # ExtraNetworksPage.name: the page title, lower-cased
 LORA_PAGE = "lora"

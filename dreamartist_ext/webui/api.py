@@ -17,30 +17,20 @@ import dataclasses
 import secrets
 import shutil
 import tempfile
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pydantic
 from fastapi import Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
-from .config import TrainConfig
-from .names import validate_concept_name
-from .webui_jobs import (
-    JOBS,
-    REQUEST_ERRORS,
-    BusyError,
-    ConfigError,
-    JobStatus,
-    TrainRequest,
-    Upload,
-    concepts,
-    create_pair,
-    new_job_id,
-    stage_uploads,
-)
+from ..config import ConfigError, TrainConfig
+from ..names import validate_concept_name
+from .jobs import JOBS, REQUEST_ERRORS, BusyError, JobStatus, TrainRequest, concepts, create_pair, new_job_id
+from .uploads import Upload, stage_uploads
 
 PREFIX = "/dreamartist/v1"
 TAGS = ["DreamArtist"]
@@ -57,6 +47,101 @@ class _Strict(BaseModel):
             extra = "forbid"
 
 
+# -- models generated from the dataclasses (their fields and help text are the one source) -------------------------
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _field_schema(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """The JSON schema of a config field's value: its type (from the annotation) and choices."""
+    schema: dict[str, Any] = {}
+    if hint in _JSON_TYPES:
+        schema["type"] = _JSON_TYPES[hint]
+    elif typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        schema.update(type="array", items={"type": _JSON_TYPES[items[0]]}, minItems=len(items), maxItems=len(items))
+    elif dataclasses.is_dataclass(hint):
+        schema.update(type="object", properties=_options_schema(hint), additionalProperties=False)
+    if f.metadata.get("choices"):
+        schema["enum"] = list(f.metadata["choices"])
+    return schema
+
+
+def _config_fields(cls: type, skip: tuple[str, ...] = ()) -> list[tuple[dataclasses.Field, Any, Any]]:
+    """(field, type, default) of a config dataclass's documented fields."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("hidden"):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
+        out.append((f, hints[f.name], default))
+    return out
+
+
+def _options_schema(cls: type) -> dict[str, Any]:
+    """The JSON schema properties of a nested config dataclass (PreviewConfig)."""
+    return {f.name: {"title": f.name.replace("_", " ").title(), "description": f.metadata.get("help", ""),
+                     "default": default, **_field_schema(f, hint)}
+            for f, hint, default in _config_fields(cls)}
+
+
+def _documented(default: Any, description: str, schema: dict[str, Any]) -> Any:
+    """A field that pydantic takes as it comes (``Any``) but documents with ``schema``."""
+    if PYDANTIC_V2:
+        return Field(default, description=description, json_schema_extra=schema)
+    return Field(default, description=description, **schema)
+
+
+def _train_options_model() -> type[BaseModel]:
+    """``options`` of POST /train: every TrainConfig option with its type, default and help in the OpenAPI schema.
+
+    The model only documents. The values reach ``TrainConfig.from_dict`` exactly as sent (each field is ``Any``,
+    unknown names are kept), so the one boundary checks them and answers 400 with a sentence naming the option
+    -- an unknown option, a wrong type, a preview that is not an object -- as it does for the CLI and the tab."""
+    fields = {}
+    for f, hint, default in _config_fields(TrainConfig, skip=("name", "images")):
+        schema = _field_schema(f, hint)
+        fields[f.name] = (Any, _documented(default, f.metadata.get("help", ""), schema))
+    if PYDANTIC_V2:
+        config: Any = pydantic.ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
+    else:
+        class config:
+            extra = "allow"
+            schema_extra = {"additionalProperties": False}  # documents it; TrainConfig.from_dict says which
+    return pydantic.create_model("TrainOptions", __config__=config, **fields)
+
+
+def _json_form(hint: Any) -> Any:
+    """The type a value of ``hint`` has in ``JobStatus.as_json``: numbers that are not finite become null."""
+    if hint is float:
+        return Optional[float]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        return dict[args[0], _json_form(args[1])]
+    return hint
+
+
+def _status_model() -> type[BaseModel]:
+    """The API's job status: the fields of ``JobStatus`` (every key is always sent, so each one is required)."""
+    hints = typing.get_type_hints(JobStatus)
+    fields = {f.name: (_json_form(hints[f.name]), Field(..., description=f.metadata.get("help", "")))
+              for f in dataclasses.fields(JobStatus)}
+    return pydantic.create_model("JobStatusModel", **fields)
+
+
+TrainOptions = _train_options_model()
+JobStatusModel = _status_model()
+
+
+def _config_option(name: str) -> Any:
+    """A request field with the default and help of TrainConfig's option ``name``."""
+    f, _, default = next(item for item in _config_fields(TrainConfig) if item[0].name == name)
+    return Field(default, description=f.metadata["help"])
+
+
 # -- request and response models ------------------------------------------------------------------------------------
 
 
@@ -66,9 +151,9 @@ class ErrorResponse(BaseModel):
 
 class CreateConceptRequest(_Strict):
     name: StrictStr = Field(..., description="the prompt word; its negative partner is `<name>-neg`")
-    init_text: StrictStr = Field("*", description="words to start the positive embedding from ('*' = no hint)")
-    positive_vectors: StrictInt = Field(3, description="vectors in the positive embedding (paper: 3)")
-    negative_vectors: StrictInt = Field(3, description="vectors in the negative embedding (paper: 3)")
+    init_text: StrictStr = _config_option("init_text")
+    positive_vectors: StrictInt = _config_option("positive_vectors")
+    negative_vectors: StrictInt = _config_option("negative_vectors")
     overwrite: StrictBool = Field(False, description="replace an existing pair of this name (and its adapters)")
 
 
@@ -109,9 +194,8 @@ class TrainImage(_Strict):
 class TrainBody(_Strict):
     name: StrictStr = Field(..., description="the concept to train (an existing pair is continued by default)")
     images: list[TrainImage] = Field(..., description="at least one image: {path} or {data, filename}")
-    options: dict[str, Any] = Field(default_factory=dict,
-                                    description="training options (TrainConfig fields, e.g. steps, width, "
-                                                "embedding_lr, guidance, unet_rank, preview_every, preview)")
+    options: TrainOptions = Field(default_factory=TrainOptions,
+                                  description="training options; any left out keep their defaults")
     resume: StrictStr | None = Field(None, description="checkpoint to resume from exactly")
     overwrite: StrictBool = Field(False, description="start the pair afresh, replacing existing files")
     continue_existing: StrictBool = Field(True, description="continue an existing pair from its saved state")
@@ -122,29 +206,6 @@ class TrainAccepted(BaseModel):
     job_id: str
     status_url: str
     state: str
-
-
-class JobStatusModel(BaseModel):
-    id: str
-    name: str
-    state: str = Field(..., description="queued, running, finished, interrupted, diverged or failed")
-    step: int
-    total: int
-    values: dict[str, float | None] = Field(..., description="last loss values and learning rate")
-    steps_per_second: float
-    eta_seconds: float | None = None
-    message: str
-    error: str | None = None
-    files: list[str]
-    previews: list[str]
-    loss_plot: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    created_at: float
-    model_restored: bool | None = Field(None, description="the model was left exactly as before the job "
-                                                             "(known once the job has ended)")
-    attention: str | None = Field(None, description="the host's attention optimisation the training steps ran "
-                                                    "with (setting 'Attention while training')")
 
 
 class JobList(BaseModel):
@@ -201,7 +262,8 @@ def train(body: TrainBody):
     except BusyError as error:
         raise _bad_request(error, 409) from None
     _checked_name(body.name)
-    reserved = sorted({"name", "images"} & set(body.options))
+    options = body.options.model_dump(exclude_unset=True) if PYDANTIC_V2 else body.options.dict(exclude_unset=True)
+    reserved = sorted({"name", "images"} & set(options))
     if reserved:
         raise _bad_request(ConfigError(f"give {' and '.join(reserved)} at the top level, not in options"))
     if not body.images:
@@ -210,7 +272,7 @@ def train(body: TrainBody):
     with tempfile.TemporaryDirectory(prefix="dreamartist-upload-") as staging:
         try:
             images, uploaded = _image_sources(body.images, Path(staging))
-            config = TrainConfig.from_dict({**body.options, "name": body.name, "images": images})
+            config = TrainConfig.from_dict({**options, "name": body.name, "images": images})
             request = TrainRequest(config, resume=body.resume, overwrite=body.overwrite,
                                    continue_existing=body.continue_existing, preview_sampler=body.preview_sampler)
             validated = JOBS.validate(request)

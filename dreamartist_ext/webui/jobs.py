@@ -12,15 +12,11 @@ background thread (``start``) and polls ``status``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import dataclasses
-import io
 import itertools
 import logging
 import math
-import re
 import threading
 import time
 import uuid
@@ -29,36 +25,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .concepts import list_concepts
-from .config import ConfigError, PreviewConfig, TrainConfig
-from .data import IMAGE_EXTENSIONS, ImageInputError
-from .errors import DreamArtistError, InvalidInput, TrainingError
-from .model import UnsupportedModelError
-from .names import InvalidNameError, clashing_names, negative_name, validate_concept_name
-from .outputs import OutputLayout, create_pair_files
-from .preparation import PreparedRun, prepare_run
-from .progress import progress_text
-from .prompt_words import complete_negative
-from .trainer import StepReport, TrainCallbacks, Trainer
+from ..concepts import list_concepts
+from ..config import ConfigError, PreviewConfig, TrainConfig, option
+from ..errors import DreamArtistError, InvalidInput, TrainingError
+from ..names import clashing_names, negative_name, validate_concept_name
+from ..outputs import OutputLayout, create_pair_files
+from ..preparation import PreparedRun, prepare_run
+from ..progress import progress_text
+from ..prompt_words import complete_negative
+from ..trainer import StepReport, TrainCallbacks, Trainer
+from . import host
+from .binding import WebuiBinding, check_supported
+from .routing import routed_generation
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "BusyError", "ConfigError", "ImageInputError", "InvalidNameError", "JOBS", "JobManager", "JobStatus",
-    "REQUEST_ERRORS", "TrainRequest", "TrainingError", "UnsupportedModelError", "ValidatedJob", "concepts",
-    "create_pair", "model_fingerprint", "new_job_id", "preview_settings", "progress_text", "stage_uploads",
-]
 
 JOB_NAME = "dreamartist"  # shared.state.job while a job runs
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("finished", "interrupted", "diverged", "failed")
 KEEP_JOBS = 20  # finished jobs remembered for status queries
 PREVIEW_KEYS = ("prompt", "negative_prompt", "steps", "sampler_name", "cfg_scale", "seed", "width", "height")
-EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp", ".jxl", ".avif")
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
 
 class BusyError(DreamArtistError):
@@ -83,24 +71,29 @@ class TrainRequest:
 
 @dataclass
 class JobStatus:
-    id: str
-    state: str = "queued"  # "queued"|"running"|"finished"|"interrupted"|"diverged"|"failed"
-    step: int = 0
-    total: int = 0
-    values: dict[str, float] = field(default_factory=dict)
-    steps_per_second: float = 0.0
-    eta_seconds: float | None = None
-    message: str = ""
-    error: str | None = None
-    files: list[str] = field(default_factory=list)
-    previews: list[str] = field(default_factory=list)
-    loss_plot: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    name: str = ""
-    model_restored: bool | None = None  # None until the job has ended
-    attention: str | None = None  # the host's attention optimisation the steps ran with
-    created_at: float = field(default_factory=time.time)
+    """A job's state as the tab shows it and the API sends it (``as_json``). The API's status model is generated
+    from these fields; their help text is its documentation."""
+
+    id: str = option(dataclasses.MISSING, "the job id")
+    state: str = option("queued", "queued, running, finished, interrupted, diverged or failed")
+    step: int = option(0, "optimizer steps done")
+    total: int = option(0, "optimizer steps of the run")
+    values: dict[str, float] = option(help="last loss values and learning rate", factory=dict)
+    steps_per_second: float = option(0.0, "training speed")
+    eta_seconds: float | None = option(None, "estimated seconds left")
+    message: str = option("", "what the job is doing, or how it ended, in a line")
+    error: str | None = option(None, "why it failed")
+    files: list[str] = option(help="the files written so far", factory=list)
+    previews: list[str] = option(help="the preview images made so far", factory=list)
+    loss_plot: str | None = option(None, "the loss plot image, once written")
+    started_at: float | None = option(None, "when training started (Unix time)")
+    finished_at: float | None = option(None, "when the job ended (Unix time)")
+    name: str = option("", "the concept being trained")
+    model_restored: bool | None = option(None, "the model was left exactly as before the job (known once the job "
+                                               "has ended)")
+    attention: str | None = option(None, "the host's attention optimisation the training steps ran with "
+                                         "(setting 'Attention while training')")
+    created_at: float = option(help="when the job was created (Unix time)", factory=time.time)
 
     @property
     def active(self) -> bool:
@@ -149,9 +142,7 @@ def model_fingerprint(model: nn.Module) -> tuple:
 
 def host_fingerprint(sd_model) -> tuple:
     """:func:`model_fingerprint` plus the host's attention patches (training may switch them for its duration)."""
-    from .webui_binding import attention_patches
-
-    return (*model_fingerprint(sd_model), attention_patches())
+    return (*model_fingerprint(sd_model), host.attention_patches())
 
 
 def fingerprint_difference(before: tuple, after: tuple, limit: int = 5) -> list[str]:
@@ -245,196 +236,21 @@ def _resolved(path: Path | str) -> Path:
         return Path(path)
 
 
-_SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-@dataclass
-class Upload:
-    """One image sent as bytes (e.g. base64 in an API request)."""
-
-    data: str | bytes  # base64 text (a ``data:...;base64,`` prefix is allowed) or raw bytes
-    filename: str | None = None
-    caption: str | None = None
-
-
-def stage_uploads(uploads: Sequence[Upload], folder: Path) -> list[Path]:
-    """Decode and check every upload, then write them into ``folder`` (captions as ``<stem>.txt``).
-
-    Nothing is written unless every item decodes to an image PIL can read; ImageInputError names each bad one
-    as ``images[i]``. File names are reduced to safe characters and made unique."""
-    from PIL import Image
-
-    decoded: list[tuple[bytes, str]] = []
-    problems: list[tuple[Path, str]] = []
-    for index, upload in enumerate(uploads):
-        label = Path(f"images[{index}]" + (f" ({Path(upload.filename).name})" if upload.filename else ""))
-        raw = upload.data
-        if isinstance(raw, str):
-            text = raw.split(",", 1)[1] if raw.startswith("data:") and "," in raw else raw
-            try:
-                raw = base64.b64decode("".join(text.split()), validate=True)
-            except (binascii.Error, ValueError):
-                problems.append((label, "is not valid base64"))
-                continue
-        if not raw:
-            problems.append((label, "is empty (0 bytes)"))
-            continue
-        if len(raw) > MAX_UPLOAD_BYTES:
-            problems.append((label, f"is {len(raw) / 2**20:.0f} MiB; at most {MAX_UPLOAD_BYTES // 2**20} MiB"))
-            continue
-        try:
-            with Image.open(io.BytesIO(raw)) as image:
-                image_format = (image.format or "png").lower()
-                image.verify()
-        except Exception as error:  # PIL raises many types for broken data
-            problems.append((label, f"is not an image PIL can read ({type(error).__name__})"))
-            continue
-        decoded.append((raw, _upload_name(upload.filename, index, image_format)))
-    if problems:
-        raise ImageInputError(problems)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, taken = [], set()
-    for (raw, name), upload in zip(decoded, uploads, strict=True):
-        stem, suffix = Path(name).stem, Path(name).suffix
-        candidate, n = name, 1
-        while candidate.lower() in taken:
-            n += 1
-            candidate = f"{stem}-{n}{suffix}"
-        taken.add(candidate.lower())
-        path = folder / candidate
-        path.write_bytes(raw)
-        if upload.caption:
-            path.with_suffix(".txt").write_text(upload.caption, encoding="utf-8")
-        paths.append(path)
-    return paths
-
-
-def _upload_name(filename: str | None, index: int, image_format: str) -> str:
-    base = _SAFE_FILENAME.sub("_", Path(filename or "").name).lstrip(".")
-    extension = {"jpeg": ".jpg", "tiff": ".tif"}.get(image_format, f".{image_format}")
-    if not base or Path(base).suffix.lower() not in IMAGE_EXTENSIONS:
-        base = f"{Path(base).stem or f'image-{index}'}{extension}"
-    if Path(base).stem.endswith("_att"):  # would be taken for a mask file
-        base = f"{Path(base).stem}-image{Path(base).suffix}"
-    return base
-
-
-# -- the host ------------------------------------------------------------------------------------------------------
-
-
-def _host_folders() -> OutputLayout:
-    from .webui_binding import host_layout
-
-    return host_layout("_")
-
-
-def _embedding_db():
-    from modules import sd_hijack
-
-    return sd_hijack.model_hijack.embedding_db
-
-
-def _loaded_embedding_files() -> dict[str, Path | None]:
-    """Every embedding name the host knows (loaded or skipped) or has on disk in its folder -> its file."""
-    db = _embedding_db()
-    out: dict[str, Path | None] = {}
-    for name, embedding in itertools.chain(db.word_embeddings.items(), db.skipped_embeddings.items()):
-        out[name] = Path(embedding.filename) if getattr(embedding, "filename", None) else None
-    folder = _host_folders().embeddings_dir
-    if folder.is_dir():
-        for path in folder.rglob("*"):
-            if path.suffix.lower() in EMBEDDING_SUFFIXES and path.is_file() and not path.name.startswith("."):
-                out.setdefault(path.stem, path)
-    return out
-
-
-def _host_lora_files() -> dict[str, Path | None]:
-    networks = _lora_extension()
-    if networks is None:
-        return {}
-    return {name: Path(entry.filename) for name, entry in getattr(networks, "available_networks", {}).items()}
-
-
-def _lora_extension():
-    try:
-        import networks  # extensions-builtin/Lora (in sys.modules once the host has loaded it)
-    except ImportError:
-        return None
-    return networks if hasattr(networks, "list_available_networks") else None
-
-
 def check_name_free(name: str, layout: OutputLayout) -> None:
     """Refuse a name that clashes case-insensitively with another embedding or LoRA the host knows."""
     words = (name, negative_name(name))
-    clashes = name_conflicts(name, _loaded_embedding_files(), [layout.embedding_path(w) for w in words])
+    clashes = name_conflicts(name, host.loaded_embedding_files(), [layout.embedding_path(w) for w in words])
     if clashes:
         raise TrainingError(
             f"the name {name!r} clashes with the existing embedding {clashes[0]!r}: prompts ignore case, so "
             f"both would answer to the same word; choose another name"
         )
-    clashes = name_conflicts(name, _host_lora_files(), [layout.lora_path(w) for w in words])
+    clashes = name_conflicts(name, host.lora_files(), [layout.lora_path(w) for w in words])
     if clashes:
         raise TrainingError(
             f"the name {name!r} clashes with the existing LoRA {clashes[0]!r} (<lora:{clashes[0]}:...> would be "
             f"ambiguous); choose another name"
         )
-
-
-def _invalidate_cond_cache() -> None:
-    """The host caches conditionings by prompt text only; learned vectors change under the same text."""
-    from modules import processing
-
-    processing.StableDiffusionProcessing.cached_c[0] = None
-    processing.StableDiffusionProcessing.cached_uc[0] = None
-
-
-def refresh_host_lists() -> None:
-    """Reload the embedding database (forced: files were replaced in place) and the Lora extension's list."""
-    _embedding_db().load_textual_inversion_embeddings(force_reload=True)
-    networks = _lora_extension()
-    if networks is not None:
-        networks.list_available_networks()
-    _invalidate_cond_cache()
-
-
-def _settle_host_networks(sd_model) -> None:
-    """Take out LoRA weights the built-in Lora extension merged into the model for the last generation.
-
-    Training runs on the base model anyway (the binding releases those networks, and the extension restores the
-    weights lazily on the next forward); doing it now makes the before/after fingerprints comparable."""
-    networks = _lora_extension()
-    if networks is None or not getattr(networks, "loaded_networks", None):
-        return
-    networks.loaded_networks.clear()
-    with torch.no_grad():  # the host's U-Net weights require grad; the extension's own restore runs under no_grad
-        for module in sd_model.modules():
-            if getattr(module, "network_current_names", ()):
-                networks.network_apply_weights(module)
-
-
-def _template_dirs() -> tuple[Path, ...]:
-    from modules import shared
-
-    folder = getattr(shared.cmd_opts, "textual_inversion_templates_dir", None)
-    return (Path(folder),) if folder and Path(folder).is_dir() else ()
-
-
-def _sampler_and_scheduler(name: str | None) -> tuple[str, str]:
-    """The host's sampler and scheduler for a preview sampler name (None = the host's default); both are given
-    to the host explicitly, so it has nothing to "autocorrect" (and warn about)."""
-    from modules import sd_samplers
-
-    if name:
-        canonical = sd_samplers.samplers_map.get(name.lower())
-        if canonical is not None:
-            name = canonical
-        else:  # old style "<sampler> <scheduler>", e.g. "DPM++ 2M Karras"
-            sampler, scheduler = sd_samplers.get_sampler_and_scheduler(name, None, convert_automatic=False)
-            if not name.lower().startswith(sampler.lower() + " "):
-                known = ", ".join(sorted(sd_samplers.all_samplers_map))
-                raise ConfigError(f"unknown preview sampler {name!r}; available: {known}")
-            return sampler, scheduler
-    return sd_samplers.get_sampler_and_scheduler(name, None, convert_automatic=False)
 
 
 # -- jobs ----------------------------------------------------------------------------------------------------------
@@ -474,8 +290,6 @@ class JobManager:
         is what ``start`` and ``run_blocking`` take: the job trains on it without checking or decoding again."""
         from modules import shared
 
-        from .webui_binding import WebuiBinding, check_supported, host_layout
-
         config = request.config
         if not isinstance(config, TrainConfig):
             raise ConfigError("the request has no training configuration")
@@ -483,13 +297,13 @@ class JobManager:
         sd_model = shared.sd_model
         check_supported(sd_model)
         binding = WebuiBinding(sd_model)
-        layout = host_layout(config.name)
+        layout = host.host_layout(config.name)
         prepared = prepare_run(config, layout, resume=request.resume, overwrite=request.overwrite,
-                               continue_existing=request.continue_existing, template_dirs=_template_dirs(),
+                               continue_existing=request.continue_existing, template_dirs=host.template_dirs(),
                                size_multiple=binding.size_multiple)
         check_name_free(config.name, layout)
         preview = preview_settings(prepared.config, request.preview_from_txt2img, request.preview_sampler)
-        _sampler_and_scheduler(preview.sampler_name)
+        host.sampler_and_scheduler(preview.sampler_name)
         Trainer(binding, prepared)  # the checks that need the model (token width, precision); writes nothing
         return ValidatedJob(request, prepared, preview)
 
@@ -613,8 +427,6 @@ class JobManager:
         """Train; never raises for a training problem: the outcome goes into the job's status."""
         from modules import errors, shared
 
-        from .webui_binding import WebuiBinding
-
         prepared, state = job.validated.prepared, shared.state
         config = prepared.config
         self._update(job, state="running", started_at=time.time(), message="preparing")
@@ -628,7 +440,7 @@ class JobManager:
                 outcome = {"state": "interrupted", "message": "cancelled before it started; nothing was written"}
                 return
             sd_model = shared.sd_model
-            _settle_host_networks(sd_model)
+            host.settle_host_networks(sd_model)
             before = host_fingerprint(sd_model)
             binding = WebuiBinding(sd_model)
             layout = prepared.layout
@@ -656,7 +468,7 @@ class JobManager:
 
         self._update(job, message="refreshing the host's embedding and LoRA lists")
         try:
-            refresh_host_lists()
+            host.refresh_host_lists()
         except Exception:
             errors.report("DreamArtist: could not refresh the embedding/LoRA lists after training", exc_info=True)
         restored = None if before is None else host_fingerprint(sd_model) == before  # None: failed before it
@@ -679,14 +491,13 @@ class JobManager:
               + (f": {status.error}" if status.error else ""))
 
     def _callbacks(self, job: _Job, layout: OutputLayout) -> TrainCallbacks:
-        from modules import sd_hijack, shared
+        from modules import shared
 
         def on_step(report: StepReport) -> None:
             values = {**report.values, "lr": report.learning_rate}
             eta = report.eta_seconds if math.isfinite(report.eta_seconds) else None
-            optimizer = sd_hijack.current_optimizer
             self._update(job, step=report.step, total=report.total, values=values,
-                         attention=optimizer.name if optimizer is not None else "None",
+                         attention=host.current_attention(),
                          steps_per_second=report.steps_per_second, eta_seconds=eta,
                          message=progress_text(report.step, report.total, values, report.steps_per_second, eta)
                          + (" · stopping" if job.cancel.is_set() else ""))
@@ -708,7 +519,7 @@ class JobManager:
 
     def _previewer(self, job: _Job, trainer: Trainer):
         settings = job.validated.preview
-        sampler, scheduler = _sampler_and_scheduler(settings.sampler_name)
+        sampler, scheduler = host.sampler_and_scheduler(settings.sampler_name)
 
         def preview(step: int) -> list:
             from modules import processing, shared
@@ -722,12 +533,12 @@ class JobManager:
                 # the preview shows what training sees: no <lora:...> merged into the weights mid-run
                 disable_extra_networks=True,
             )
-            _invalidate_cond_cache()  # same prompt text, new vectors
+            host.invalidate_cond_cache()  # same prompt text, new vectors
             try:
-                with _routed_generation(trainer.adapters, p), contextlib.closing(p):
+                with _routed(trainer.adapters, p), contextlib.closing(p):
                     processed = processing.process_images(p)
             finally:
-                _invalidate_cond_cache()
+                host.invalidate_cond_cache()
                 # process_images moves the host's counters; put the job's back
                 state.job, state.job_count, state.job_no = JOB_NAME, job.status.total, job.status.step
                 state.sampling_step = state.sampling_steps = 0
@@ -741,15 +552,9 @@ class JobManager:
         return preview
 
 
-def _routed_generation(adapters, p) -> contextlib.AbstractContextManager:
-    """Route the adapters per branch during a generation when the inference module is there."""
-    if adapters is None:
-        return contextlib.nullcontext()
-    try:
-        from .webui_inference import routed_generation
-    except ImportError:
-        return contextlib.nullcontext()
-    return routed_generation(adapters, p)
+def _routed(adapters, p) -> contextlib.AbstractContextManager:
+    """A preview routes the adapters being trained per branch (none when the run trains no adapters)."""
+    return contextlib.nullcontext() if adapters is None else routed_generation(adapters, p)
 
 
 JOBS = JobManager()
@@ -766,33 +571,31 @@ def create_pair(name: str, init_text: str = "*", positive_vectors: int = 3, nega
     our own pair also removes its old adapters, so training it next starts afresh."""
     from modules import shared
 
-    from .webui_binding import WebuiBinding, host_layout
-
     validate_concept_name(name)
     config = TrainConfig.from_dict(dict(name=name, init_text=init_text, positive_vectors=positive_vectors,
                                         negative_vectors=negative_vectors))
     with JOBS.exclusive(f"creating {name!r}"):
         binding = WebuiBinding(shared.sd_model)
         config.validate(binding.size_multiple)
-        layout = host_layout(name)
+        layout = host.host_layout(name)
         check_name_free(name, layout)
         written = create_pair_files(binding, config, layout, overwrite=overwrite)
         if overwrite:
             for word in (name, negative_name(name)):
                 layout.lora_path(word).unlink(missing_ok=True)
-        refresh_host_lists()
+        host.refresh_host_lists()
     return written
 
 
 def concepts() -> list[dict]:
     """The DreamArtist pairs in the host's folders, as JSON-able dicts (``loaded``: the host has the pair)."""
-    layout = _host_folders()
+    embeddings_dir, lora_dir = host.host_folders()
     try:
-        loaded = set(_embedding_db().word_embeddings)
+        loaded = set(host.embedding_db().word_embeddings)
     except Exception:  # no model yet
         loaded = set()
     out = []
-    for concept in list_concepts(layout.embeddings_dir, layout.lora_dir):
+    for concept in list_concepts(embeddings_dir, lora_dir):
         item = concept.as_json()
         item["loaded"] = concept.name in loaded and (concept.negative_embedding is None
                                                      or negative_name(concept.name) in loaded)

@@ -3,7 +3,7 @@
 Built inside the host's ``on_ui_train_tabs`` callback. Every option's default and most labels come from
 ``TrainConfig`` (the single source of truth); the form keeps its components keyed by config field so the values
 the Train button sends are mapped back to a ``TrainConfig`` by name, not by position. Training runs through
-``webui_jobs.JOBS`` inside the host's ``wrap_gradio_gpu_call`` (queue lock, ``shared.state``), so the host's
+``jobs.JOBS`` inside the host's ``wrap_gradio_gpu_call`` (queue lock, ``shared.state``), so the host's
 progress bar and live preview work as in its own Textual Inversion tab (javascript/dreamartist_train.js).
 """
 
@@ -20,13 +20,12 @@ from modules import call_queue, sd_samplers, shared
 from modules.ui_common import create_refresh_button
 from modules.ui_components import FormRow, ToolButton
 
-from . import webui_jobs
-from .config import (CLIP_MODES, LATENT_SAMPLING, PRECISIONS, RESIZE_MODES, ConfigError, PreviewConfig, TrainConfig,
-                     option_help)
-from .data import BUILTIN_TEMPLATES, load_templates
-from .errors import InvalidInput
-from .names import NAME_RULES, negative_name, validate_concept_name
-from .webui_binding import host_layout
+from ..config import (CLIP_MODES, LATENT_SAMPLING, PRECISIONS, RESIZE_MODES, ConfigError, PreviewConfig, TrainConfig,
+                      option_help)
+from ..data import BUILTIN_TEMPLATES, load_templates
+from ..errors import InvalidInput
+from ..names import NAME_RULES, negative_name, validate_concept_name
+from . import host, jobs
 
 PREFIX = "dreamartist"
 DEFAULTS = TrainConfig(name="")
@@ -40,7 +39,7 @@ GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
 # Mistakes a user can make (bad option, missing image, a job already running, unsupported model): shown in the tab
 # as one sentence. Anything else is a bug and goes to the host's error handler (traceback in the log).
-USER_ERRORS: tuple[type[BaseException], ...] = (*webui_jobs.REQUEST_ERRORS, webui_jobs.BusyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (*jobs.REQUEST_ERRORS, jobs.BusyError)
 LOSS_LABELS = {"loss": "loss", "loss_denoise": "denoise", "loss_rec": "reconstruction", "loss_lpips": "LPIPS"}
 
 
@@ -160,14 +159,10 @@ def uploaded_paths(files: Any) -> list[str]:
     return [str(getattr(item, "name", item)) for item in files]
 
 
-def host_templates_dir() -> Path:
-    return Path(shared.cmd_opts.textual_inversion_templates_dir)
-
-
 def template_choices() -> list[str]:
     """Our templates, then the host's usable ones (every line has [name]) as ``webui/<file>``."""
     choices = list(BUILTIN_TEMPLATES)
-    folder = host_templates_dir()
+    folder = host.templates_dir()
     if folder.is_dir():
         for path in sorted(folder.rglob("*.txt")):
             try:
@@ -182,7 +177,7 @@ def template_option(choice: str) -> str:
     """Dropdown entry -> TrainConfig.template (a builtin name or a file path)."""
     choice = (choice or "").strip()
     if choice.startswith(HOST_TEMPLATE_PREFIX):
-        return str(host_templates_dir() / choice[len(HOST_TEMPLATE_PREFIX):])
+        return str(host.templates_dir() / choice[len(HOST_TEMPLATE_PREFIX):])
     return choice
 
 
@@ -192,15 +187,15 @@ def checkpoint_choices(name: str) -> list[str]:
         validate_concept_name(name or "")
     except InvalidInput:
         return [NO_CHECKPOINT]
-    folder = host_layout(name).checkpoints_dir
+    folder = host.host_layout(name).checkpoints_dir
     found = sorted(folder.glob(f"{name}-*.safetensors"), reverse=True) if folder.is_dir() else []
     return [NO_CHECKPOINT] + [path.name for path in found]
 
 
 def request_from_form(values: dict[str, Any], txt2img_values: Sequence[Any] = (),
-                      labels: dict[str, str] | None = None) -> webui_jobs.TrainRequest:
+                      labels: dict[str, str] | None = None) -> jobs.TrainRequest:
     """Build the TrainRequest from the form; a bad value raises InvalidInput with a sentence for the user (the
-    request is validated as a whole by webui_jobs.JOBS.validate)."""
+    request is validated as a whole by jobs.JOBS.validate)."""
     options: dict[str, Any] = {}
     preview: dict[str, Any] = {}
     for key, value in values.items():
@@ -239,14 +234,14 @@ def request_from_form(values: dict[str, Any], txt2img_values: Sequence[Any] = ()
     checkpoint = values["ui.checkpoint"]
     resume = None
     if checkpoint and checkpoint != NO_CHECKPOINT:
-        resume = str(host_layout(name).checkpoints_dir / Path(checkpoint).name)
+        resume = str(host.host_layout(name).checkpoints_dir / Path(checkpoint).name)
 
     from_txt2img = None
     if values["ui.preview_from_txt2img"]:
-        from_txt2img = dict(zip(webui_jobs.PREVIEW_KEYS, txt2img_values))
+        from_txt2img = dict(zip(jobs.PREVIEW_KEYS, txt2img_values))
 
     config = TrainConfig.from_dict(options)
-    return webui_jobs.TrainRequest(
+    return jobs.TrainRequest(
         config=config, resume=resume, overwrite=overwrite, continue_existing=continue_existing,
         preview_from_txt2img=from_txt2img, preview_sampler=values["ui.preview_sampler"] or None,
     )
@@ -283,7 +278,7 @@ def _gallery_items(paths: Sequence[Any]) -> list[tuple[str, str]]:
     return items
 
 
-def summary_html(status: webui_jobs.JobStatus, name: str) -> str:
+def summary_html(status: jobs.JobStatus, name: str) -> str:
     """One block for the ended job: state, step, last losses, speed, and how to use the result."""
     if status.state == "failed":
         return error_html(f"Training {name} failed at step {status.step}/{status.total}: {status.error}")
@@ -316,10 +311,10 @@ def make_train_handler(form: TrainForm, txt2img_count: int) -> Callable[..., tup
         txt2img_values = args[len(keys):len(keys) + txt2img_count]
         try:
             request = request_from_form(form_values, txt2img_values, labels)
-            webui_jobs.JOBS.ensure_idle()
-            validated = webui_jobs.JOBS.validate(request)  # nothing is written on a bad request
+            jobs.JOBS.ensure_idle()
+            validated = jobs.JOBS.validate(request)  # nothing is written on a bad request
             # a failure while training ends in status.error
-            status = webui_jobs.JOBS.run_blocking(validated, take_queue_lock=False)
+            status = jobs.JOBS.run_blocking(validated, take_queue_lock=False)
         except USER_ERRORS as error:
             return gr.update(), gr.update(), gr.update(), gr.update(), error_html(str(error))
         name = request.config.name
@@ -334,9 +329,9 @@ def make_train_handler(form: TrainForm, txt2img_count: int) -> Callable[..., tup
 def create_pair_handler(name: str, init_text: str, positive_vectors, negative_vectors, overwrite: bool) -> str:
     try:
         validate_concept_name(name or "")
-        webui_jobs.JOBS.ensure_idle()  # a running job holds the queue lock: say so instead of waiting for it
+        jobs.JOBS.ensure_idle()  # a running job holds the queue lock: say so instead of waiting for it
         # the queue lock keeps generations out while the embedding lists are reloaded
-        create = call_queue.wrap_queued_call(webui_jobs.create_pair)
+        create = call_queue.wrap_queued_call(jobs.create_pair)
         written = create(name, init_text=init_text or DEFAULTS.init_text,
                          positive_vectors=_coerce("positive_vectors", positive_vectors),
                          negative_vectors=_coerce("negative_vectors", negative_vectors), overwrite=bool(overwrite))
@@ -349,7 +344,7 @@ def create_pair_handler(name: str, init_text: str, positive_vectors, negative_ve
 
 def interrupt_handler() -> None:
     # Only stop the host's current job when it is ours: the button must not cancel a txt2img run elsewhere.
-    if webui_jobs.JOBS.cancel():
+    if jobs.JOBS.cancel():
         shared.state.interrupt()
 
 
