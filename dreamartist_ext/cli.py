@@ -204,13 +204,12 @@ def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainCon
 
 
 def run_train(args: argparse.Namespace, prog: str) -> int:
-    from .outputs import OutputLayout, check_writable_folder
+    from .outputs import OutputLayout
     from .preparation import prepare_run
 
     out, model_path, config = _train_inputs(args)
     device = _device(args.device)
-    check_writable_folder(out)
-    layout = OutputLayout.under(out)
+    layout = OutputLayout.under(out)  # prepare_run checks its folders (under out) can be written
     prepared = prepare_run(config, layout, resume=args.resume, overwrite=args.overwrite or args.demo,
                            continue_existing=args.continue_existing)
     if args.demo:

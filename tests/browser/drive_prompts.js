@@ -63,6 +63,9 @@ async function cardNames(page, cards) {
 async function typing(page) {
     // typing the learned word adds its partner to the negative prompt
     await typeInto(page, PROMPT, `a photo of ${options.concept}`);
+    // the real state first (the partner arrives), then no second change
+    await page.waitForFunction(selector => document.querySelector(selector).value !== '', NEGATIVE,
+                               { timeout: 15000 }).catch(() => {});
     seen.afterTyping = { prompt: await page.locator(PROMPT).inputValue(), negative: await negativeSettles(page) };
     // a partner the user deletes stays deleted while the word stays in the prompt
     await page.locator(NEGATIVE).fill('blurry');

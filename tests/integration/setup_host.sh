@@ -98,11 +98,7 @@ fi
 
 # 3. the CLIP-L tokenizer as an offline Hugging Face hub cache
 [ -f "$TOKENIZER/vocab.json" ] || die "no CLIP tokenizer files in $TOKENIZER (set CLIP_TOKENIZER_DIR)"
-snapshot="$DEST/hf/hub/models--openai--clip-vit-large-patch14/snapshots/local"
-mkdir -p "$snapshot" "$DEST/hf/hub/models--openai--clip-vit-large-patch14/refs"
-cp "$TOKENIZER"/* "$snapshot/"
-echo -n local > "$DEST/hf/hub/models--openai--clip-vit-large-patch14/refs/main"
-echo 1 > "$DEST/hf/hub/version.txt"
+"$PY" "$REPO/tests/integration/webui_host.py" "$TOKENIZER" "$DEST/hf"
 phase "pip check clean; tokenizer cache in $DEST/hf"
 
 echo "export SD_WEBUI_DIR=$WEBUI"

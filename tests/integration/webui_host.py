@@ -56,7 +56,12 @@ def _hf_home(cache: Path) -> Path | None:
     source = os.environ.get("CLIP_TOKENIZER_DIR") or str(REPO.parent / "shared" / "webui" / "clip-vit-large-patch14")
     if not Path(source, "vocab.json").exists():
         return None
-    home = cache / "hf"
+    return lay_out_tokenizer_cache(Path(source), cache / "hf")
+
+
+def lay_out_tokenizer_cache(source: Path, home: Path) -> Path:
+    """``home`` as an offline Hugging Face cache holding the tokenizer files of ``source`` as
+    openai/clip-vit-large-patch14 (also run by setup_host.sh: ``python webui_host.py SOURCE HOME``)."""
     snapshot = home / "hub" / CLIP_REPO / "snapshots" / "local"
     if not (snapshot / "vocab.json").exists():
         snapshot.mkdir(parents=True, exist_ok=True)
@@ -242,3 +247,7 @@ def png_b64(size=(96, 96), seed=0) -> str:
     buffer = io.BytesIO()
     make_image(size, seed).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+if __name__ == "__main__":
+    lay_out_tokenizer_cache(Path(sys.argv[1]), Path(sys.argv[2]))
