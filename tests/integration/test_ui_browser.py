@@ -77,10 +77,10 @@ def test_train_in_the_tab_shows_progress_previews_and_survives_reload(webui, tmp
     })
     print(f"browser run: {time.time() - started:.1f} s; progress texts: {seen['progressTexts']}")
 
-    # Train is disabled while the reference image uploads; a click then starts nothing (no half-uploaded image)
-    assert seen["trainDisabledWhileUploading"], seen
-    assert "waiting for the upload" in seen["waitingLabel"], seen["waitingLabel"]
-    assert seen["statusAfterEarlyClick"] == "" and not seen["jobStartedEarly"], seen
+    # Train is disabled while the reference image uploads, says why, and comes back once it has arrived
+    states = seen["trainStatesDuringUpload"]
+    assert [state["disabled"] for state in states] == [True, False], states
+    assert "waiting for the upload" in states[0]["label"], states
     # the form opens with TrainConfig's defaults (the name is empty: no field borrowed another one's saved value)
     assert len(seen["initialValues"]) > 30, seen["initialValues"]
     assert _shown_versus_defaults(seen["initialValues"]) == {}
@@ -111,7 +111,7 @@ def test_train_in_the_tab_shows_progress_previews_and_survives_reload(webui, tmp
     assert (embeddings / f"{INTERRUPTED_NAME}.safetensors").is_file()
     # with every section open, nothing sticks out of the tab
     assert seen["overflowing"] == [], seen["overflowing"]
-    for label in ("uploading", "before", "progress", "after", "reloaded"):
+    for label in ("before", "progress", "after", "reloaded"):
         assert (OUTPUT_DIR / f"dreamartist-{label}.png").stat().st_size > 10_000
 
     # no script error in the page; the host's log has no warning or error of ours (UI built at startup and on
