@@ -33,14 +33,46 @@ function dreamartist_uploads_pending() {
     });
 }
 
-// onUiUpdate runs on the mutation itself (onAfterUiUpdate is debounced and would leave a click window open)
-onUiUpdate(function() {
+// gradio 3.41 drops the answer to an upload when any other event of the page finishes while the upload is in
+// flight: the file then shows "Uploading..." for ever. That is told apart from a slow upload by the browser's own
+// record of the request: its answer came back (a resource timing entry for /upload) and the file is still pending.
+var dreamartist_pending_since = null;
+var dreamartist_upload_answers = [];  // responseEnd of each /upload request (an observer: the timeline buffer fills)
+
+new PerformanceObserver(function(list) {
+    list.getEntries().forEach(function(entry) {
+        if (/\/upload(\?|$)/.test(entry.name)) dreamartist_upload_answers.push(entry.responseEnd);
+    });
+}).observe({ type: 'resource' });
+
+function dreamartist_upload_lost() {
+    if (dreamartist_pending_since === null) return false;
+    var now = performance.now();
+    return dreamartist_upload_answers.some(function(answered) {
+        return answered >= dreamartist_pending_since && now - answered > 2000;
+    });
+}
+
+function dreamartist_update_train_button() {
     var train = gradioApp().getElementById('dreamartist_train');
     if (!train) return;
     var pending = dreamartist_uploads_pending();
-    if (train.disabled !== pending) {
-        train.disabled = pending;
-        train.classList.toggle('dreamartist-waiting', pending);
-        train.title = pending ? 'Waiting for the reference images to finish uploading' : '';
+    if (!pending) {
+        dreamartist_pending_since = null;
+        dreamartist_upload_answers = [];
     }
-});
+    else if (dreamartist_pending_since === null) dreamartist_pending_since = performance.now();
+    var lost = pending && dreamartist_upload_lost();
+    if (train.disabled !== pending) train.disabled = pending;
+    train.classList.toggle('dreamartist-waiting', pending && !lost);
+    train.classList.toggle('dreamartist-upload-lost', lost);
+    train.title = lost ? 'The upload was lost: remove the image (x) and add it again' :
+        pending ? 'Waiting for the reference images to finish uploading' : '';
+}
+
+// onUiUpdate runs on the mutation itself (onAfterUiUpdate is debounced and would leave a click window open); a lost
+// upload changes nothing on the page, so while something is pending the button is also checked every second
+onUiUpdate(dreamartist_update_train_button);
+setInterval(function() {
+    if (dreamartist_pending_since !== null) dreamartist_update_train_button();
+}, 1000);

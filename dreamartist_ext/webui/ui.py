@@ -464,7 +464,9 @@ def _resume_section(form: TrainForm, name):
             refresh = ToolButton(value="\U0001f504", elem_id=_elem_id("checkpoint_refresh"),
                                  tooltip="Checkpoints of this name: refresh")
     refresh.click(fn=lambda text: gr.update(choices=checkpoint_choices(text)), inputs=[name], outputs=[checkpoint])
-    name.blur(fn=lambda text: gr.update(choices=checkpoint_choices(text)), inputs=[name], outputs=[checkpoint])
+    # Listed when the list is opened, not when the name field loses focus: an event finishing while an image
+    # uploads makes gradio 3.41 drop the upload, and users type the name just before dropping the image.
+    checkpoint.focus(fn=lambda text: gr.update(choices=checkpoint_choices(text)), inputs=[name], outputs=[checkpoint])
     return checkpoint
 
 

@@ -84,6 +84,7 @@ async function train(page) {
     await fill(page, '#dreamartist_preview_steps', 4);
     await shot(page, 'before');
 
+    const before = await statusText(page);
     await page.locator('#dreamartist_train').click();
     note('Train clicked');
     const deadline = Date.now() + options.timeoutMs;
@@ -98,12 +99,11 @@ async function train(page) {
             seen.livePreview = true;
             await shot(page, 'progress');
         }
-        const summary = page.locator('#dreamartist_status .dreamartist-summary, #dreamartist_status .error');
-        if (await summary.count() > 0) break;
+        if (await page.evaluate(statusReplaced, before)) break;
         await page.waitForTimeout(200);
     }
     // the host removes its progress bar (and the live preview over the gallery) once the task is reported done
-    seen.status = await waitForSummary(page, 30000);
+    seen.status = await waitForSummary(page, before, 120000);
     await page.locator('#dreamartist_gallery img').first().waitFor({ timeout: 30000 }).catch(() => {});
     await page.locator('#dreamartist_loss_plot img').first().waitFor({ timeout: 30000 }).catch(() => {});
     seen.galleryImages = await page.locator('#dreamartist_gallery .thumbnail-item img, #dreamartist_gallery .grid-wrap img').count();
@@ -117,11 +117,21 @@ async function train(page) {
     await page.keyboard.press('Escape');
 }
 
-async function waitForSummary(page, timeoutMs) {
-    await page.locator('#dreamartist_status .dreamartist-summary, #dreamartist_status .error').first()
-        .waitFor({ timeout: timeoutMs });
-    await page.locator('#dreamartist_results .progressDiv').waitFor({ state: 'detached', timeout: 30000 });
+async function statusText(page) {
     return (await page.locator('#dreamartist_status').first().innerText()).trim();
+}
+
+function statusReplaced(before) {
+    // this run's summary or error is shown: not the previous one (kept, dimmed, while a run goes on)
+    const status = document.getElementById('dreamartist_status');
+    return Boolean(status && status.querySelector('.dreamartist-summary, .error') &&
+        !status.classList.contains('dreamartist-stale') && status.innerText.trim() !== before);
+}
+
+async function waitForSummary(page, before, timeoutMs) {
+    await page.waitForFunction(statusReplaced, before, { timeout: timeoutMs });
+    await page.locator('#dreamartist_results .progressDiv').waitFor({ state: 'detached', timeout: 120000 });
+    return statusText(page);
 }
 
 async function createPair(page) {
@@ -138,9 +148,47 @@ async function createPair(page) {
     note('pair created');
 }
 
+function countCompletedEvents(page) {
+    // gradio 3.41 answers every event on its queue websocket; "process_completed" ends one
+    const counter = { completed: 0 };
+    page.on('websocket', socket => socket.on('framereceived', frame => {
+        if (String(frame.payload).includes('"process_completed"')) counter.completed += 1;
+    }));
+    return counter;
+}
+
+async function loseAnUpload(page) {
+    // gradio 3.41 drops an upload's answer when another event of the page finishes meanwhile (here the checkpoint
+    // list's refresh, answered while the upload is held back): the tab must say so instead of waiting for ever
+    let release, passed;
+    const held = new Promise(resolve => { release = resolve; });
+    const answered = new Promise(resolve => { passed = resolve; });
+    await page.route('**/upload', async route => { await held; await route.continue(); passed(); });
+    await page.locator('#dreamartist_uploads input[type=file]').setInputFiles(options.image);
+    await openAccordion(page, 'dreamartist_resume_accordion');
+    const before = events.completed;
+    await page.locator('#dreamartist_checkpoint_refresh').click();
+    while (events.completed === before) await page.waitForTimeout(50);
+    release();
+    await answered;
+    await page.unroute('**/upload');
+    const train = page.locator('#dreamartist_train.dreamartist-upload-lost');
+    await train.waitFor({ state: 'attached', timeout: 30000 });
+    seen.lostUpload = await page.evaluate(() => {
+        const button = document.querySelector('#dreamartist_train');
+        return { disabled: button.disabled, label: getComputedStyle(button, '::after').content };
+    });
+    await shot(page, 'upload-lost', false);
+    await page.locator('#dreamartist_uploads button[aria-label="Clear"]').click();
+    await page.waitForFunction(() => !document.querySelector('#dreamartist_train').disabled, null, { timeout: 30000 });
+    note('lost upload reported, cleared');
+}
+
 async function interruptRun(page) {
-    // a long job, stopped with the tab's Interrupt button once it reports its first step
+    // a long job, stopped with the tab's Interrupt button once it reports its first step; its image is added
+    // again after a lost upload
     await fill(page, '#dreamartist_name', options.interruptName);
+    await loseAnUpload(page);
     await page.locator('#dreamartist_uploads input[type=file]').setInputFiles(options.image);
     await uploadFinished(page);
     await fill(page, '#dreamartist_width', options.size);
@@ -148,12 +196,13 @@ async function interruptRun(page) {
     await fill(page, '#dreamartist_steps', 1000);
     await openAccordion(page, 'dreamartist_preview_accordion');
     await fill(page, '#dreamartist_preview_every', 0);
+    const before = await statusText(page);
     await page.locator('#dreamartist_train').click();
     await page.locator('#dreamartist_progress .dreamartist-live', { hasText: /step [1-9]/i })
         .waitFor({ timeout: options.timeoutMs });
     await page.locator('#dreamartist_interrupt').click();
     note('Interrupt clicked');
-    seen.interruptStatus = await waitForSummary(page, options.timeoutMs);
+    seen.interruptStatus = await waitForSummary(page, before, options.timeoutMs);
 }
 
 function formValues() {
@@ -200,7 +249,10 @@ async function reloadUi(page) {
     await shot(page, 'reloaded');
 }
 
+let events;
+
 drive(options, seen, async page => {
+    events = countCompletedEvents(page);
     await openTab(page);
     seen.initialValues = await page.evaluate(formValues);
     await train(page);

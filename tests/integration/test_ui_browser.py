@@ -105,13 +105,16 @@ def test_train_in_the_tab_shows_progress_previews_and_survives_reload(webui, tmp
     assert seen["createStatus"].startswith(f"Created {PAIR_NAME} and {PAIR_NAME}-neg"), seen["createStatus"]
     assert (embeddings / f"{PAIR_NAME}-neg.safetensors").is_file()
     assert "already exists" in seen["createAgainStatus"], seen["createAgainStatus"]
+    # an upload whose answer gradio dropped (another event finished meanwhile) is reported on the Train button
+    assert seen["lostUpload"]["disabled"], seen["lostUpload"]
+    assert "upload lost" in seen["lostUpload"]["label"], seen["lostUpload"]
     # Interrupt stops a long job between steps, and what it learned so far is saved
     assert seen["interruptStatus"].startswith("Interrupted at step"), seen["interruptStatus"]
     assert not seen["interruptStatus"].startswith("Interrupted at step 1000/"), seen["interruptStatus"]
     assert (embeddings / f"{INTERRUPTED_NAME}.safetensors").is_file()
     # with every section open, nothing sticks out of the tab
     assert seen["overflowing"] == [], seen["overflowing"]
-    for label in ("before", "progress", "after", "reloaded"):
+    for label in ("before", "progress", "after", "upload-lost", "reloaded"):
         assert (OUTPUT_DIR / f"dreamartist-{label}.png").stat().st_size > 10_000
 
     # no script error in the page; the host's log has no warning or error of ours (UI built at startup and on
