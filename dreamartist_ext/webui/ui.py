@@ -463,10 +463,13 @@ def _resume_section(form: TrainForm, name):
                 info="Exact continuation: optimizer state and random stream included", elem_id=_elem_id("checkpoint")))
             refresh = ToolButton(value="\U0001f504", elem_id=_elem_id("checkpoint_refresh"),
                                  tooltip="Checkpoints of this name: refresh")
-    refresh.click(fn=lambda text: gr.update(choices=checkpoint_choices(text)), inputs=[name], outputs=[checkpoint])
+    def listed(text):
+        return gr.update(choices=checkpoint_choices(text))
+
+    refresh.click(fn=listed, inputs=[name], outputs=[checkpoint])
     # Listed when the list is opened, not when the name field loses focus: an event finishing while an image
     # uploads makes gradio 3.41 drop the upload, and users type the name just before dropping the image.
-    checkpoint.focus(fn=lambda text: gr.update(choices=checkpoint_choices(text)), inputs=[name], outputs=[checkpoint])
+    checkpoint.focus(fn=listed, inputs=[name], outputs=[checkpoint])
     return checkpoint
 
 

@@ -168,7 +168,9 @@ async function loseAnUpload(page) {
     await openAccordion(page, 'dreamartist_resume_accordion');
     const before = events.completed;
     await page.locator('#dreamartist_checkpoint_refresh').click();
-    while (events.completed === before) await page.waitForTimeout(50);
+    for (const deadline = Date.now() + 60000; events.completed === before; await page.waitForTimeout(50)) {
+        if (Date.now() > deadline) throw new Error('the checkpoint refresh was never answered');
+    }
     release();
     await answered;
     await page.unroute('**/upload');
