@@ -39,6 +39,7 @@ class ExistingPair:
     negative: torch.Tensor | None
     step: int
     adapters: dict[str, dict[str, files.LoraLayer]]  # branch -> layers
+    family: str | None = None  # the model family it was trained on (its metadata's "architecture")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def _existing_pair(config: TrainConfig, layout: OutputLayout, *, overwrite: bool
     if not continue_existing:
         raise TrainingError(f"{existing[0].name} already exists in {existing[0].parent}; choose another name, "
                             f"overwrite it, or continue training it")
-    vectors, step = {}, 0
+    vectors, step, family = {}, 0, None
     for word in pair_words(config):
         path = layout.embedding_path(word)
         if not path.exists():
@@ -114,6 +115,7 @@ def _existing_pair(config: TrainConfig, layout: OutputLayout, *, overwrite: bool
             raise TrainingError(f"cannot continue from {path.name}: {error}") from None
         if word == config.name:
             step = int(meta.get("step", 0) or 0)
+            family = meta.get("architecture")
     adapters = {}
     for branch, word in ((POS, config.name), (NEG, negative_name(config.name))):
         path = layout.lora_path(word)
@@ -122,4 +124,4 @@ def _existing_pair(config: TrainConfig, layout: OutputLayout, *, overwrite: bool
                 adapters[branch], _ = files.load_lora(path)
             except ValueError as error:
                 raise TrainingError(f"cannot continue from {path.name}: {error}") from None
-    return ExistingPair(vectors[config.name], vectors.get(negative_name(config.name)), step, adapters)
+    return ExistingPair(vectors[config.name], vectors.get(negative_name(config.name)), step, adapters, family)

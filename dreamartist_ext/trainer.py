@@ -36,7 +36,7 @@ from .embeddings import EmbeddingPair, create_pair
 from .errors import TrainingError
 from .logs import LossLog, plot_losses
 from .losses import LossTerms, PerceptualLoss, PerceptualLossUnavailable
-from .model import NEG, POS, DiffusionBinding, frozen
+from .model import NEG, POS, DiffusionBinding, UnsupportedModelError, check_family, frozen
 from .names import negative_name
 from .objective import LossInputs, dreamartist_loss
 from .outputs import OutputLayout, save_pair
@@ -181,6 +181,11 @@ class Trainer:
     def _check_model(self) -> None:
         self.config.validate(self.binding.size_multiple)
         existing = self.prepared.existing
+        if existing is not None:
+            try:
+                check_family(self.binding, existing.family, self.config.name)
+            except UnsupportedModelError as error:
+                raise TrainingError(str(error)) from None
         if existing is not None and existing.positive.shape[1] != self.binding.token_dim:
             raise TrainingError(
                 f"{self.config.name} has {existing.positive.shape[1]}-wide vectors; this model needs "
