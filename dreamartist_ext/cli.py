@@ -204,14 +204,16 @@ def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainCon
 
 
 def run_train(args: argparse.Namespace, prog: str) -> int:
+    from .diffusers_binding import native_size_of
     from .outputs import OutputLayout
     from .preparation import prepare_run
 
     out, model_path, config = _train_inputs(args)
     device = _device(args.device)
     layout = OutputLayout.under(out)  # prepare_run checks its folders (under out) can be written
+    native = native_size_of(model_path, args.config) if model_path else 512
     prepared = prepare_run(config, layout, resume=args.resume, overwrite=args.overwrite or args.demo,
-                           continue_existing=args.continue_existing)
+                           continue_existing=args.continue_existing, native_size=native)
     if args.demo:
         print("DreamArtist demo: a TINY RANDOM model (no download) learns the shipped sample image.\n"
               "A random model knows nothing, so its pictures are meaningless noise: this run shows the pipeline\n"

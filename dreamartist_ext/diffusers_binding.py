@@ -57,6 +57,31 @@ class _Encoder:
         return self.model.get_input_embeddings()
 
 
+def native_size_of(model: str | Path, config: str | Path | None = None) -> int:
+    """The family's side length read from the model's config files alone (before loading, so a run is validated
+    at the size it will train at): 1024 SDXL, 768 SD 2.x-v, else 512. Unknown layouts give 512."""
+    folder = Path(model) if Path(model).is_dir() else (Path(config) if config and Path(config).is_dir() else None)
+    if folder is None:
+        if config is None or not Path(config).is_file():
+            return 512
+        text = Path(config).read_text(errors="replace")
+        if "DiffusionEngine" in text:
+            return 1024
+        return 768 if re.search(r"parameterization:\s*[\"']?v\b", text) else 512
+
+    def read(name: str) -> dict:
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    if (folder / "text_encoder_2").is_dir() or "XL" in read("model_index.json").get("_class_name", ""):
+        return 1024
+    v_prediction = read("scheduler/scheduler_config.json").get("prediction_type") == "v_prediction"
+    open_clip = read("text_encoder/config.json").get("hidden_act") == "gelu"
+    return 768 if v_prediction and open_clip else 512
+
+
 class DiffusersBinding(DiffusionBinding):
     def __init__(
         self,

@@ -63,10 +63,12 @@ class PreparedRun:
 
 def prepare_run(config: TrainConfig, layout: OutputLayout, *, resume: str | Path | None = None,
                 overwrite: bool = False, continue_existing: bool = False, template_dirs: Sequence[Path] = (),
-                size_multiple: int = DEFAULT_SIZE_MULTIPLE) -> PreparedRun:
-    """Validate a run without a model; raises InvalidInput (one sentence) and writes nothing."""
+                size_multiple: int = DEFAULT_SIZE_MULTIPLE, native_size: int = 512) -> PreparedRun:
+    """Validate a run without a model; raises InvalidInput (one sentence) and writes nothing. A width or height
+    of 0 becomes ``native_size`` (the model family's side length, known from its files before it loads)."""
     if not isinstance(config, TrainConfig):
         raise InvalidInput("the request has no training configuration")
+    config = config.sized_for(native_size)
     config.validate(size_multiple)
     if not isinstance(config.images, list) or not all(isinstance(p, (str, Path)) for p in config.images):
         raise InvalidInput("images must be a list of file or folder paths")

@@ -86,6 +86,11 @@ def test_the_tiny_families_are_what_they_stand_for(tiny_family_dirs):
         "sdxl": ("sdxl", "epsilon", ["clip_l", "clip_g"], 1024),
     }
     assert facts["sdxl"].token_dim == sum(e.dim for e in facts["sdxl"].encoders) == 32 + 48
+    # the CLI validates a run at the size it will train at before loading: the config files tell the same size
+    from dreamartist_ext.diffusers_binding import native_size_of
+
+    assert {f: native_size_of(folder) for f, folder in tiny_family_dirs.items()} == {
+        f: b.native_size for f, b in facts.items()}
 
 
 @torch.no_grad()
