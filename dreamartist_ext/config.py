@@ -14,7 +14,7 @@ from .schedules import LearningRateSchedule
 LATENT_SAMPLING = ("once", "deterministic", "random")
 CLIP_MODES = ("none", "value", "norm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RESIZE_MODES = ("crop", "pad", "stretch")  # how images are fitted to the training size
+RESIZE_MODES = ("crop", "pad", "stretch", "bucket")  # how images are fitted to the training size
 
 
 class ConfigError(InvalidInput):
@@ -76,7 +76,9 @@ class TrainConfig:
                            "size: 512 SD 1.x and SD 2.x base, 768 SD 2.x-v, 1024 SDXL)")
     height: int = option(0, f"training height in pixels (a multiple of 8, at most {MAX_SIDE}; 0 = the model's "
                             "native size)")
-    resize: str = option("crop", "how images are fitted to the training size", choices=RESIZE_MODES)
+    resize: str = option("crop", "how images are fitted to the training size (bucket: keep each image's aspect "
+                                 "ratio at about the training size's area, as SDXL was trained)",
+                         choices=RESIZE_MODES)
     template: str = option("subject", "prompt template: a shipped name (subject, style, subject_filewords, "
                                       "style_filewords, none) or a .txt file")
     flip: bool = option(False, "also train on the mirrored image")

@@ -105,6 +105,19 @@ class LossTerms:
     reconstruction: torch.Tensor | None = None
     perceptual: torch.Tensor | None = None
 
+    @staticmethod
+    def weighted_sum(parts: "list[tuple[LossTerms, float]]") -> "LossTerms":
+        """sum_i w_i * terms_i, term by term (a term missing from any part is left out)."""
+
+        def combine(name: str) -> torch.Tensor | None:
+            values = [getattr(terms, name) for terms, _ in parts]
+            if any(v is None for v in values):
+                return None
+            return sum(w * v for v, (_, w) in zip(values, parts))
+
+        return LossTerms(total=combine("total"), denoise=combine("denoise"),
+                         reconstruction=combine("reconstruction"), perceptual=combine("perceptual"))
+
     def as_floats(self) -> dict[str, float]:
         out = {"loss": float(self.total.detach()), "loss_denoise": float(self.denoise.detach())}
         if self.reconstruction is not None:

@@ -75,7 +75,8 @@ def prepare_run(config: TrainConfig, layout: OutputLayout, *, resume: str | Path
     if not config.images:
         raise InvalidInput("no training images given")
     layout.check_writable()
-    images = tuple(load_training_images(config.images, config.width, config.height, resize=config.resize))
+    images = tuple(load_training_images(config.images, config.width, config.height, resize=config.resize,
+                                        multiple=size_multiple))
     templates = tuple(load_templates(resolve_template(config.template, template_dirs)))
     learning_rates = {part: LearningRateSchedule.parse(text)
                       for part, text in (("embedding", config.embedding_lr), ("unet", config.unet_lr),

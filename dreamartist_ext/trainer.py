@@ -451,7 +451,18 @@ class Trainer:
         return samples
 
     def _micro_batch_loss(self, samples: list[_Sample]) -> LossTerms:
-        """Draw this micro-batch's latents, timesteps and noise, then evaluate the objective."""
+        """The micro-batch's loss; images of different sizes (aspect-ratio buckets) are evaluated size by size and
+        weighted by their share, which is exactly the batch mean since every term is a mean of per-sample terms."""
+        groups: dict[tuple[int, ...], list[_Sample]] = {}
+        for sample in samples:
+            groups.setdefault(tuple(self._cache[sample.image].mean.shape), []).append(sample)
+        if len(groups) == 1:
+            return self._same_size_loss(samples)
+        parts = [(self._same_size_loss(group), len(group) / len(samples)) for group in groups.values()]
+        return LossTerms.weighted_sum(parts)
+
+    def _same_size_loss(self, samples: list[_Sample]) -> LossTerms:
+        """Draw these samples' latents, timesteps and noise, then evaluate the objective."""
         binding, config, generator = self.binding, self.config, self.generator
         device = binding.device
         cached = [self._cache[s.image] for s in samples]

@@ -384,3 +384,20 @@ def test_a_name_in_another_script_with_spaces_trains(binding, reference_image, t
     result = make_trainer(binding, small_config([reference_image], name="猫の絵 v2", steps=1), layout).run()
     assert result.status == "finished"
     assert layout.embedding_path("猫の絵 v2").is_file() and layout.embedding_path("猫の絵 v2-neg").is_file()
+
+
+def test_a_batch_of_differently_shaped_buckets_trains(family_binding, tmp_path):
+    """Aspect-ratio buckets (as SDXL was trained): each image keeps its shape, a batch mixing shapes is evaluated
+    shape by shape, and the U-Net sees both shapes."""
+    binding = family_binding
+    wide = write_image(tmp_path / "images" / "wide.png", size=(128, 64))
+    tall = write_image(tmp_path / "images" / "tall.png", size=(64, 128), seed=1)
+    shapes = []
+    handle = binding.unet.register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape[-2:])))
+    try:
+        config = small_config([wide, tall], resize="bucket", batch_size=2, steps=2, width=48, height=48)
+        result = make_trainer(binding, config, OutputLayout.under(tmp_path / "out")).run()
+    finally:
+        handle.remove()
+    assert result.status == "finished"
+    assert {(4, 8), (8, 4)} <= set(shapes)  # 64x32 and 32x64 px buckets of the 48x48 area, in latents
