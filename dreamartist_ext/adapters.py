@@ -144,7 +144,8 @@ class BranchAdapters:
         for branch in layer.lora_A:
             layer.lora_A[branch].float()
             layer.lora_B[branch].float()
-        self._hooks.append(layer.register_forward_pre_hook(self._route_hook(part), with_kwargs=True))
+        hook = self._route_hook(part, sequence_first=site.is_sequence_first(path))
+        self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         setattr(parent, attr, layer)
         return layer
 
@@ -182,14 +183,19 @@ class BranchAdapters:
 
     # -- routing ------------------------------------------------------------------------------------------------
 
-    def _route_hook(self, part: str):
+    def _route_hook(self, part: str, *, sequence_first: bool = False):
         def hook(module, args, kwargs):
             rows = self._rows[part]
-            batch = args[0].shape[0]
+            batch = args[0].shape[1 if sequence_first else 0]
             if rows is None:
                 rows = [BASE] * batch
             elif len(rows) != batch:
                 raise RuntimeError(f"{part} adapter routed for {len(rows)} rows but called with {batch}")
+            if sequence_first:
+                # peft splits a mixed batch along dim 0, here the sequence: only one branch per call can be right
+                if len(set(rows)) > 1:
+                    raise RuntimeError(f"{part} adapters on a sequence-first layer need one branch per call")
+                rows = rows[:1] * args[0].shape[0]
             kwargs["adapter_names"] = rows
             return args, kwargs
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import lora_keys
 from .errors import InvalidInput
-from .model import (PREDICTION_TYPES, TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding,
+from .model import (OPEN_CLIP_TEXT_TARGETS, PREDICTION_TYPES, TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding,
                     ModelInfo, TextEncoder, UnsupportedModelError, linear_paths)
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,9 @@ class DiffusersBinding(DiffusionBinding):
             # SDXL reads clip_l at its penultimate layer: the last layer never sees a gradient (clip_g's does,
             # through the pooled vector), so it gets no adapter.
             unused = f"te1.text_model.encoder.layers.{self.text_encoder.config.num_hidden_layers - 1}."
-            paths = tuple(p for p in linear_paths(encoders, TEXT_TARGETS) if not p.startswith(unused))
+            paths = tuple(p for p in linear_paths(encoders["te1"], TEXT_TARGETS) if not p.startswith(unused[4:]))
+            paths = tuple(f"te1.{p}" for p in paths) + tuple(
+                f"te2.{p}" for p in linear_paths(encoders["te2"], OPEN_CLIP_TEXT_TARGETS))
             return [
                 AdapterSite("unet", self.unet, linear_paths(self.unet, UNET_TARGETS), unet_prefix),
                 AdapterSite("te", encoders, paths, lora_keys.sdxl_text_prefix),
@@ -348,7 +350,8 @@ class DiffusersBinding(DiffusionBinding):
         return [
             AdapterSite("unet", self.unet, linear_paths(self.unet, UNET_TARGETS),
                         lambda path: lora_keys.kohya_prefix("unet", path)),
-            AdapterSite("te", self.text_encoder, linear_paths(self.text_encoder, TEXT_TARGETS),
+            AdapterSite("te", self.text_encoder,
+                        linear_paths(self.text_encoder, TEXT_TARGETS if self.family == "sd1" else OPEN_CLIP_TEXT_TARGETS),
                         lambda path: lora_keys.kohya_prefix("te", path)),
         ]
 

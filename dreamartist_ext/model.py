@@ -29,6 +29,10 @@ CHECKPOINTED_PARTS = ("unet", "decoder")
 # The Linear layers adapters go on, by path suffix; the same in diffusers and in the host's ldm model.
 UNET_TARGETS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+# OpenCLIP encoders (SD 2.x, SDXL's clip_g): in the host their attention is a fused nn.MultiheadAttention whose
+# q/k/v projection is no Linear to wrap, so adapters go on the attention output and the MLP in both bindings (files
+# from the CLI and the WebUI stay interchangeable).
+OPEN_CLIP_TEXT_TARGETS = ("self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
 def linear_paths(root: nn.Module, suffixes: Sequence[str]) -> tuple[str, ...]:
@@ -95,6 +99,12 @@ class AdapterSite:
     root: nn.Module
     module_paths: tuple[str, ...]
     kohya_prefix: Callable[[str], str]
+    # Paths (prefixes; "" = all) of modules whose input is sequence-first [L, N, D] (OpenCLIP's text tower in the
+    # host): a call there must be routed to one branch for all its rows.
+    sequence_first: tuple[str, ...] = ()
+
+    def is_sequence_first(self, path: str) -> bool:
+        return any(p == "" or path == p or path.startswith(p + ".") for p in self.sequence_first)
 
 
 @dataclass(frozen=True)
@@ -172,12 +182,22 @@ class DiffusionBinding(abc.ABC):
         """Conditioning for ``prompts`` with learned words injected; ``image_size`` (height, width) in pixels is
         what SDXL's size conditioning states (original = target size, no crop)."""
 
+    one_branch_per_text_call = False  # a text encoder with sequence-first adapter sites (see AdapterSite)
+
     def encode_prompts(
         self, prompts: Sequence[str], branches: Sequence[str], image_size: tuple[int, int] | None = None
     ) -> Conditioning:
         """Encode ``prompts``; row i goes through the text-encoder adapters of ``branches[i]``."""
         if len(prompts) != len(branches):
             raise ValueError(f"{len(prompts)} prompts but {len(branches)} branches")
+        if self.one_branch_per_text_call and self.adapters is not None and len(set(branches)) > 1:
+            runs, start = [], 0
+            for i in range(1, len(branches) + 1):
+                if i == len(branches) or branches[i] != branches[start]:
+                    runs.append((start, i))
+                    start = i
+            return concat_conditioning([self.encode_prompts(prompts[a:b], branches[a:b], image_size)
+                                        for a, b in runs])
         size = image_size or (self.native_size, self.native_size)
         with self._routed("te", branches):
             return self._encode(prompts, (int(size[0]), int(size[1])))

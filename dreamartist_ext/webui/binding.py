@@ -1,45 +1,115 @@
-"""The engine on the model AUTOMATIC1111 has loaded (``shared.sd_model``).
+"""The engine on the model AUTOMATIC1111 has loaded (``shared.sd_model``): SD 1.x, SD 2.x and SDXL.
 
-Prompts go through the host's own hijacked text encoder, so ``name`` and ``name-neg`` are injected by the host's
-embedding database exactly as at inference; the U-Net is the host's diffusion model with its cross-attention
+Prompts go through the host's own hijacked text encoders, so ``name`` and ``name-neg`` are injected by the host's
+embedding database exactly as at inference (on SDXL one embedding holds a tensor per encoder, and the host's
+EmbeddingsWithFixes puts each into its encoder); the U-Net is the host's diffusion model with its cross-attention
 optimisation left on; the decode for the reconstruction loss goes through ``first_stage_model.decode`` (the
 host's ``decode_first_stage`` runs without gradient). Everything we change is put back on exit.
+
+Where the families differ:
+- SD 1.x: ``cond_stage_model`` wraps a transformers CLIPTextModel (CLIP-L).
+- SD 2.x: it wraps OpenCLIP ViT-H, whose text tower runs sequence-first with a fused nn.MultiheadAttention:
+  adapters go on the attention output and the MLP (OPEN_CLIP_TEXT_TARGETS) and are routed one branch per call.
+  v-prediction models (768-v) train in v space.
+- SDXL: ``conditioner`` (sgm GeneralConditioner) holds CLIP-L and OpenCLIP bigG (pooled) plus the size
+  embedders; it runs frozen embedders under no_grad, so the two text embedders are marked trainable for the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .. import lora_keys
-from ..model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding, ModelInfo, TextEncoder,
-                     UnsupportedModelError, linear_paths)
+from ..model import (OPEN_CLIP_TEXT_TARGETS, TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding,
+                     ModelInfo, TextEncoder, UnsupportedModelError, linear_paths)
 from . import host
 
 log = logging.getLogger(__name__)
 
+# OpenCLIP module names -> the transformers CLIPTextModel names kohya files (and the host's Lora loader) use
+_OPEN_CLIP_LAYER = re.compile(r"resblocks\.(\d+)\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)")
+_OPEN_CLIP_TO_HF = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def model_family(sd_model) -> str:
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+
 
 def check_supported(sd_model) -> None:
-    """Raise UnsupportedModelError with a plain sentence for models we cannot train on yet."""
+    """Raise UnsupportedModelError with a plain sentence for models we cannot train on."""
     if sd_model is None:
         raise UnsupportedModelError("no Stable Diffusion model is loaded yet; wait for it to load and try again")
-    if getattr(sd_model, "is_sdxl", False):
-        raise UnsupportedModelError("SDXL models are not supported by DreamArtist yet; load an SD 1.x checkpoint")
-    if getattr(sd_model, "is_sd2", False):
-        raise UnsupportedModelError("SD 2.x models are not supported by DreamArtist yet; load an SD 1.x checkpoint")
     if hasattr(sd_model, "forge_objects"):
         raise UnsupportedModelError("WebUI Forge is not supported yet (it runs the model under inference mode)")
-    if not hasattr(sd_model, "cond_stage_model"):
+    if getattr(sd_model, "is_sdxl_inpaint", False):
+        raise UnsupportedModelError("SDXL inpainting models are not supported; load an SDXL text-to-image checkpoint")
+    if getattr(sd_model, "is_sdxl", False):
+        kinds = [type(getattr(e, "wrapped", e)).__name__ for e in sd_model.conditioner.embedders]
+        if "FrozenCLIPEmbedder" not in kinds or "FrozenOpenCLIPEmbedder2" not in kinds:
+            raise UnsupportedModelError("this SDXL model lacks one of the two text encoders (an SDXL refiner?); "
+                                        "load an SDXL base-architecture checkpoint")
+    elif not hasattr(sd_model, "cond_stage_model"):
         raise UnsupportedModelError("this model has no text encoder DreamArtist can use")
     key = getattr(getattr(sd_model, "model", None), "conditioning_key", None)
     if key != "crossattn":
         raise UnsupportedModelError(
-            f"this model's conditioning is {key!r}; inpainting and instruct-pix2pix models are not supported yet"
+            f"this model's conditioning is {key!r}; inpainting, depth and instruct-pix2pix models are not supported"
         )
+
+
+class _HostEncoder:
+    """One of the host's hijacked text embedders, with what the engine reads from it."""
+
+    def __init__(self, embedder, info: TextEncoder, *, open_clip: bool) -> None:
+        self.embedder = embedder  # tokenize() gives ids without start/end; id_end the end token
+        self.info = info
+        self.open_clip = open_clip
+        if open_clip:
+            self.transformer: nn.Module = embedder.wrapped.model.transformer
+            layer = embedder.wrapped.model.token_embedding
+        else:
+            self.transformer = embedder.wrapped.transformer  # transformers CLIPTextModel
+            layer = self.transformer.get_input_embeddings()
+        self.table: nn.Embedding = getattr(layer, "wrapped", layer)  # under the host's EmbeddingsWithFixes
+
+    def token_rows(self, text: str) -> torch.Tensor:
+        ids = self.embedder.tokenize([text])[0]
+        weight = self.table.weight
+        return weight[torch.tensor(ids, dtype=torch.long, device=weight.device)].detach().float()
+
+    def end_row(self) -> torch.Tensor:
+        return self.table.weight[self.embedder.id_end].detach().float()
+
+    def adapter_paths(self, *, skip_last: bool) -> tuple[str, ...]:
+        """Linear layers adapters may go on (relative to ``transformer``); ``skip_last`` drops the last layer,
+        which a penultimate-layer encoder never runs."""
+        if self.open_clip:
+            paths = [p for p in linear_paths(self.transformer, ("attn.out_proj", "mlp.c_fc", "mlp.c_proj"))
+                     if _OPEN_CLIP_LAYER.fullmatch(p)]
+            last = len(self.transformer.resblocks) - 1
+            prefix = f"resblocks.{last}."
+        else:
+            paths = list(linear_paths(self.transformer, TEXT_TARGETS))
+            last = self.transformer.config.num_hidden_layers - 1
+            prefix = f"text_model.encoder.layers.{last}."
+        return tuple(p for p in paths if not (skip_last and p.startswith(prefix)))
+
+    def hf_path(self, path: str) -> str:
+        """The transformers CLIPTextModel path of one of :meth:`adapter_paths` (what kohya keys name)."""
+        if not self.open_clip:
+            return path
+        match = _OPEN_CLIP_LAYER.fullmatch(path)
+        if match is None:
+            raise ValueError(f"{path!r} is not an OpenCLIP text layer DreamArtist adapts")
+        return f"text_model.encoder.layers.{match[1]}.{_OPEN_CLIP_TO_HF[match[2]]}"
 
 
 class WebuiBinding(DiffusionBinding):
@@ -47,13 +117,25 @@ class WebuiBinding(DiffusionBinding):
         super().__init__()
         check_supported(sd_model)
         self.sd_model = sd_model
-        self.clip = sd_model.cond_stage_model  # the host's hijacked wrapper (injects embeddings)
-        self.text_model = self.clip.wrapped.transformer  # transformers CLIPTextModel
+        self.family = model_family(sd_model)
         self.unet = sd_model.model.diffusion_model
         self.vae = sd_model.first_stage_model
-        embedding_layer = self.text_model.get_input_embeddings()
-        self.token_table: nn.Embedding = getattr(embedding_layer, "wrapped", embedding_layer)
-        self.encoders = (TextEncoder("clip_l", self.token_table.embedding_dim),)
+        if self.family == "sdxl":
+            embedders = {type(e.wrapped).__name__: e for e in sd_model.conditioner.embedders if hasattr(e, "wrapped")}
+            clip_l, clip_g = embedders["FrozenCLIPEmbedder"], embedders["FrozenOpenCLIPEmbedder2"]
+            self.text_encoders = [_HostEncoder(clip_l, TextEncoder("clip_l", 0), open_clip=False),
+                                  _HostEncoder(clip_g, TextEncoder("clip_g", 0), open_clip=True)]
+        else:
+            self.text_encoders = [_HostEncoder(sd_model.cond_stage_model,
+                                               TextEncoder("clip_h" if self.family == "sd2" else "clip_l", 0),
+                                               open_clip=self.family == "sd2")]
+        for encoder in self.text_encoders:
+            encoder.info = TextEncoder(encoder.info.key, encoder.table.embedding_dim)
+        self.encoders = tuple(e.info for e in self.text_encoders)
+        self.one_branch_per_text_call = any(e.open_clip for e in self.text_encoders)
+        self.prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
+        self.native_size = {"sd1": 512, "sd2": 768 if self.prediction_type == "v_prediction" else 512,
+                            "sdxl": 1024}[self.family]
         self.device = next(self.unet.parameters()).device
         self.dtype = next(self.unet.parameters()).dtype
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().to(self.device, torch.float32)
@@ -68,16 +150,27 @@ class WebuiBinding(DiffusionBinding):
     # -- text ---------------------------------------------------------------------------------------------------
 
     def token_vectors(self, text: str) -> torch.Tensor:
-        ids = self.clip.tokenize([text])[0]
-        return self.token_table.weight[torch.tensor(ids, dtype=torch.long, device=self.token_table.weight.device)
-                                       ].detach().float()
+        rows = [e.token_rows(text) for e in self.text_encoders]
+        if len({r.shape[0] for r in rows}) != 1:
+            raise UnsupportedModelError(f"the text encoders split {text!r} differently; use another init text")
+        return torch.cat(rows, dim=1)
 
     def end_token_vector(self) -> torch.Tensor:
-        return self.token_table.weight[self.clip.id_end].detach().float()
+        return torch.cat([e.end_row() for e in self.text_encoders])
 
     def embedding_table_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        table = self.token_table.weight.detach().float()
-        return table.mean(0), table.std(0)
+        tables = [e.table.weight.detach().float() for e in self.text_encoders]
+        return torch.cat([t.mean(0) for t in tables]), torch.cat([t.std(0) for t in tables])
+
+    def host_vector(self, tensor: torch.Tensor):
+        """A word's row as the host's Embedding holds it: the tensor, or SDXL's {'clip_l': .., 'clip_g': ..}."""
+        if len(self.text_encoders) == 1:
+            return tensor
+        out, offset = {}, 0
+        for encoder in self.text_encoders:
+            out[encoder.info.key] = tensor[:, offset:offset + encoder.info.dim]
+            offset += encoder.info.dim
+        return out
 
     def _install_words(self, vectors: Mapping[str, torch.Tensor]) -> None:
         from modules.textual_inversion.textual_inversion import Embedding
@@ -87,7 +180,7 @@ class WebuiBinding(DiffusionBinding):
             if tensor.dim() != 2 or tensor.shape[1] != self.token_dim:
                 raise ValueError(f"{word!r} has shape {tuple(tensor.shape)}, this model needs [n, {self.token_dim}]")
             self._replaced.setdefault(word, db.word_embeddings.get(word))
-            embedding = Embedding(tensor, word)
+            embedding = Embedding(self.host_vector(tensor), word)
             embedding.shape, embedding.vectors = tensor.shape[1], tensor.shape[0]
             db.register_embedding(embedding, self.sd_model)
 
@@ -98,16 +191,38 @@ class WebuiBinding(DiffusionBinding):
             db.register_embedding_by_name(previous, self.sd_model, word)
 
     def _encode(self, prompts: Sequence[str], image_size: tuple[int, int]) -> Conditioning:
-        return self.clip(list(prompts))
+        if self.family != "sdxl":
+            return self.sd_model.cond_stage_model(list(prompts))
+        # what sd_models_xl.get_learned_conditioning builds, with the training size and no crop
+        height, width = image_size
+        rows = len(prompts)
+        sizes = dict(device=self.device, dtype=torch.float32)
+        batch = {
+            "txt": list(prompts),
+            "original_size_as_tuple": torch.tensor([height, width], **sizes).repeat(rows, 1),
+            "crop_coords_top_left": torch.tensor([0, 0], **sizes).repeat(rows, 1),
+            "target_size_as_tuple": torch.tensor([height, width], **sizes).repeat(rows, 1),
+        }
+        for embedder in self.sd_model.conditioner.embedders:
+            embedder.ucg_rate = 0.0  # as the host sets it on every call: no random prompt dropping
+        return self.sd_model.conditioner(batch)
 
     # -- U-Net and VAE ------------------------------------------------------------------------------------------
 
-    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, context: Conditioning) -> torch.Tensor:
-        return self.sd_model.apply_model(latents.to(self.dtype), timesteps, context.to(self.dtype))
+    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if isinstance(cond, dict):
+            cond = {key: value.to(self.dtype) for key, value in cond.items()}
+        else:
+            cond = cond.to(self.dtype)
+        return self.sd_model.apply_model(latents.to(self.dtype), timesteps, cond)
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(pixels.to(self.device, next(self.vae.parameters()).dtype))
-        return dist.mean * self.latent_scale_factor, dist.std * self.latent_scale_factor
+        # The posterior's moments, as ldm's and sgm's AutoencoderKL compute them (sgm's inference wrapper only
+        # returns a sample).
+        moments = self.vae.quant_conv(self.vae.encoder(pixels.to(self.device, next(self.vae.parameters()).dtype)))
+        mean, logvar = moments.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return mean * self.latent_scale_factor, std * self.latent_scale_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae_dtype = next(self.vae.parameters()).dtype
@@ -117,15 +232,36 @@ class WebuiBinding(DiffusionBinding):
 
     def adapter_sites(self) -> list[AdapterSite]:
         layout = self.unet_layout
+        if self.family == "sdxl":  # kohya's SDXL files keep the sgm U-Net names
 
-        def unet_prefix(path: str) -> str:
-            return lora_keys.kohya_prefix("unet", lora_keys.compvis_to_diffusers_unet(path, layout))
+            def unet_prefix(path: str) -> str:
+                return lora_keys.kohya_prefix("unet", path)
+        else:
 
-        return [
-            AdapterSite("unet", self.unet, linear_paths(self.unet, UNET_TARGETS), unet_prefix),
-            AdapterSite("te", self.text_model, linear_paths(self.text_model, TEXT_TARGETS),
-                        lambda path: lora_keys.kohya_prefix("te", path)),
-        ]
+            def unet_prefix(path: str) -> str:
+                return lora_keys.kohya_prefix("unet", lora_keys.compvis_to_diffusers_unet(path, layout))
+
+        sites = [AdapterSite("unet", self.unet, linear_paths(self.unet, UNET_TARGETS), unet_prefix)]
+        if self.family == "sdxl":
+            clip_l, clip_g = self.text_encoders
+            root = nn.ModuleDict({"te1": clip_l.transformer, "te2": clip_g.transformer})
+            # clip_l is read at its penultimate layer; clip_g's last layer feeds the pooled vector
+            paths = tuple(f"te1.{p}" for p in clip_l.adapter_paths(skip_last=True)) + tuple(
+                f"te2.{p}" for p in clip_g.adapter_paths(skip_last=False))
+
+            def text_prefix(path: str) -> str:
+                encoder, _, rest = path.partition(".")
+                return lora_keys.kohya_prefix(encoder, (clip_l if encoder == "te1" else clip_g).hf_path(rest))
+
+            sites.append(AdapterSite("te", root, paths, text_prefix, sequence_first=("te2",)))
+        else:
+            (encoder,) = self.text_encoders
+            # SD 2.x reads OpenCLIP-H at its penultimate layer: the last resblock never runs
+            paths = encoder.adapter_paths(skip_last=encoder.open_clip)
+            sites.append(AdapterSite("te", encoder.transformer, paths,
+                                     lambda path: lora_keys.kohya_prefix("te", encoder.hf_path(path)),
+                                     sequence_first=("",) if encoder.open_clip else ()))
+        return sites
 
     def trainable_roots(self) -> list[nn.Module]:
         # The host leaves every U-Net weight requiring grad; freezing them saves the memory and time the
@@ -134,13 +270,27 @@ class WebuiBinding(DiffusionBinding):
 
     @contextlib.contextmanager
     def training_context(self) -> Iterator[None]:
-        """The host model as training needs it: no LoRA left over from the last generation, and an attention
-        implementation whose backward pass is fast (see :func:`host.training_attention`)."""
+        """The host model as training needs it: no LoRA left over from the last generation, an attention
+        implementation whose backward pass is fast (see :func:`host.training_attention`), and on SDXL the text
+        embedders marked trainable (sgm's conditioner runs frozen ones under no_grad: no gradient would reach
+        the pair) with sgm's own reentrant checkpointing off."""
         released = host.release_host_networks()
+        switches: list[tuple[object, str, object]] = []
+        if self.family == "sdxl":
+            switches += [(e.embedder, "is_trainable", True) for e in self.text_encoders]
+        # sgm/ldm checkpointing differentiates the frozen weights and drops our routing; ours replaces it
+        switches += [(m, "checkpoint", False) for m in self.unet.modules() if getattr(m, "checkpoint", None) is True]
+        switches += [(m, "use_checkpoint", False) for m in self.unet.modules()
+                     if getattr(m, "use_checkpoint", None) is True]
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in switches]
         try:
+            for obj, name, value in switches:
+                setattr(obj, name, value)
             with host.training_attention():
                 yield
         finally:
+            for obj, name, value in saved:
+                setattr(obj, name, value)
             if released:
                 log.info("DreamArtist: LoRA networks of the previous generation will be re-applied when asked for")
 
@@ -155,4 +305,4 @@ class WebuiBinding(DiffusionBinding):
         if not short and info is not None and hasattr(info, "calculate_shorthash"):
             with contextlib.suppress(Exception):
                 short = info.calculate_shorthash() or ""
-        return ModelInfo(name=name, hash=short)
+        return ModelInfo(name=name, hash=short, architecture=self.family)

@@ -18,7 +18,7 @@ from .. import prompt_words
 from ..model import UnsupportedModelError
 from ..names import negative_name
 from . import host
-from .binding import check_supported
+from .binding import check_supported, model_family
 from .learned import LEARNED, has_adapters
 from .routing import attach_adapters, routed_generation, routing_active
 
@@ -36,6 +36,8 @@ def _injected_words(text: str, steps: int, *, negative: bool) -> list[str]:
     from modules import extra_networks, prompt_parser, shared
 
     clip = shared.sd_model.cond_stage_model
+    if not hasattr(clip, "tokenize_line"):  # SDXL's conditioner: its text embedders tokenize alike
+        clip = next(e for e in clip.embedders if hasattr(e, "tokenize_line"))
     if negative:  # the host neither splits AND nor removes <lora:...> in negative prompts
         parts = [text]
     else:
@@ -132,7 +134,9 @@ def begin_generation(p, options: PromptOptions) -> None:
 
     _complete_negative_prompts(p, learned, used_by_prompt, options.auto_negative)
 
-    with_adapters = [learned[name] for name in used if has_adapters(learned[name])]
+    family = model_family(shared.sd_model)
+    with_adapters = [learned[name] for name in used if has_adapters(learned[name])
+                     and learned[name].metadata.get("architecture", family) == family]  # the host skips others
     if not with_adapters:
         return  # only the embeddings act, and the host injects those
     weights = {info.name: options.weight for info in with_adapters}

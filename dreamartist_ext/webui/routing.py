@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 
 from .. import concepts as concept_files
 from ..adapters import BranchAdapters
-from ..model import NEG, POS
+from ..model import NEG, POS, conditioning_rows
 from . import host
 from .binding import WebuiBinding
 from .learned import LEARNED
@@ -40,8 +40,7 @@ class BranchRouter:
 
     def on_cfg_denoiser(self, params) -> None:
         rows = int(params.x.shape[0])
-        cond = int(params.text_cond.shape[0])
-        uncond = int(params.text_uncond.shape[0])
+        cond, uncond = conditioning_rows(params.text_cond), conditioning_rows(params.text_uncond)
         # Anything but "cond rows then uncond rows" (an edit model's extra rows) is a layout we cannot read.
         self.roles = [POS] * cond + [NEG] * uncond if cond + uncond == rows else []
         self.cursor = 0
@@ -64,6 +63,8 @@ class BranchRouter:
 
     def before_text(self, module, args):
         texts = args[0] if args else None
+        if isinstance(texts, dict):  # SDXL's conditioner takes a batch dict; the prompts are its "txt"
+            texts = texts.get("txt")
         if texts is None:
             return
         branch = NEG if getattr(texts, "is_negative_prompt", False) else POS

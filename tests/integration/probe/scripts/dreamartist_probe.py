@@ -28,9 +28,21 @@ def _adapters():
     return module.active_adapters() if module is not None else None
 
 
+def _context(cond):
+    """The cross-attention context of a conditioning (SDXL's is a dict)."""
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def _flat_rows(output):
+    """[rows, features] of a text-encoder output (SDXL: context and pooled/size vector side by side)."""
+    if isinstance(output, dict):
+        return torch.cat([output["crossattn"].flatten(1), output["vector"].flatten(1)], dim=1)
+    return output.flatten(1)
+
+
 def _on_cfg_denoiser(params):
     if STATE["recording"]:
-        STATE["layout"] = (params.text_cond.detach().clone(), params.text_uncond.detach().clone())
+        STATE["layout"] = (_context(params.text_cond).detach().clone(), _context(params.text_uncond).detach().clone())
 
 
 def _role(context_row):
@@ -100,13 +112,14 @@ def _after_text(module, args, output):
     if not STATE["recording"] or STATE["busy"]:
         return
     adapters = _adapters()
-    texts = args[0]
+    batch = args[0]
+    texts = batch["txt"] if isinstance(batch, dict) else batch  # SDXL's conditioner takes a batch dict
     entry = {"texts": list(texts), "negative": bool(getattr(texts, "is_negative_prompt", False)),
              "routed": adapters is not None}
     if adapters is not None:
         n = len(texts)
-        reruns = _rerun(module, "te", lambda b: [b] * n, lambda: module.forward(texts))
-        entry["rows_detail"] = _row_differences(output.detach(), reruns)
+        reruns = _rerun(module, "te", lambda b: [b] * n, lambda: _flat_rows(module.forward(batch)))
+        entry["rows_detail"] = _row_differences(_flat_rows(output).detach(), reruns)
     STATE["text"].append(entry)
 
 
@@ -140,6 +153,21 @@ def _on_app_started(_demo, app: FastAPI):
         return {"lora_layers": sum(isinstance(m, LoraLayer) for root in modules for m in root.modules()),
                 "adapters_active": _adapters() is not None,
                 "hooks": [len(root._forward_pre_hooks) + len(root._forward_hooks) for root in modules]}
+
+    @app.post("/probe/lora-keys")
+    def lora_keys(body: dict):
+        """Load a LoRA file with the host's own Lora loader: how many of its layers found a module of the loaded
+        model (the loader drops the others, logging them only at debug level)."""
+        import networks  # the host's extensions-builtin/Lora, on sys.path once it is loaded
+
+        networks.list_available_networks()
+        on_disk = networks.available_networks[body["name"]]
+        net = networks.load_network(body["name"], on_disk)
+        from safetensors import safe_open
+
+        with safe_open(on_disk.filename, framework="pt") as handle:
+            layers = {key.split(".")[0] for key in handle.keys()}
+        return {"matched": len(net.modules), "file_layers": len(layers), "matched_modules": sorted(net.modules)}
 
     @app.post("/probe/stop")
     def stop():
