@@ -110,8 +110,8 @@ def build_parser(prog: str = "dreamartist") -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=30, help="DDIM sampling steps")
     gen.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (CFG) scale")
     gen.add_argument("--seed", type=int, default=0, help="seed of the images: the same seed gives the same images")
-    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: 512, --demo: 64)")
-    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: 512, --demo: 64)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size: 512 SD 1.x, 768 SD 2.x-v, 1024 SDXL; --demo: 64)")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size; --demo: 64)")
     gen.add_argument("--count", type=int, default=1, help="images to make")
     gen.add_argument("--out", default="generated", help="folder for the images (SEED-INDEX.png)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -204,14 +204,16 @@ def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainCon
 
 
 def run_train(args: argparse.Namespace, prog: str) -> int:
+    from .diffusers_binding import native_size_of
     from .outputs import OutputLayout
     from .preparation import prepare_run
 
     out, model_path, config = _train_inputs(args)
     device = _device(args.device)
     layout = OutputLayout.under(out)  # prepare_run checks its folders (under out) can be written
+    native = native_size_of(model_path, args.config) if model_path else 512
     prepared = prepare_run(config, layout, resume=args.resume, overwrite=args.overwrite or args.demo,
-                           continue_existing=args.continue_existing)
+                           continue_existing=args.continue_existing, native_size=native)
     if args.demo:
         print("DreamArtist demo: a TINY RANDOM model (no download) learns the shipped sample image.\n"
               "A random model knows nothing, so its pictures are meaningless noise: this run shows the pipeline\n"
@@ -354,6 +356,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .adapters import BranchAdapters
     from .concepts import composed_adapters, list_concepts, load_concept, words_of
     from .diffusers_binding import DiffusersBinding, check_model_files
+    from .model import check_family
     from .outputs import OutputLayout, check_writable_folder
     from .prompt_words import complete_negative, find_learned_names
     from .sampling import SampleRequest, generate
@@ -367,12 +370,12 @@ def run_generate(args: argparse.Namespace) -> int:
         if not (args.model and args.concepts and args.prompt):
             raise InvalidInput("generate needs --model, --concepts and --prompt (or --demo)")
         model_path, concepts_root, prompt = Path(args.model), Path(args.concepts), args.prompt
-        width, height = args.width or 512, args.height or 512
+        width, height = args.width, args.height  # None: the model's native size, known once it is loaded
     if not concepts_root.is_dir():
         raise InvalidInput(f"--concepts {concepts_root} is not a folder (give a train --out folder)")
     for label, value, low, high in (("--steps", args.steps, 1, 1000), ("--count", args.count, 1, 64),
                                     ("--width", width, 64, 4096), ("--height", height, 64, 4096)):
-        if not low <= value <= high:
+        if value is not None and not low <= value <= high:
             raise InvalidInput(f"{label} {value} must be between {low} and {high}")
     check_model_files(model_path, args.config)
     out = Path(args.out)
@@ -388,6 +391,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.no_auto_negative:
         negative, _ = complete_negative(negative, [c.name for c in concepts if c.negative is not None])
     binding = DiffusersBinding.load(model_path, config=args.config, device=device)
+    for concept in concepts:
+        check_family(binding, concept.metadata.get("architecture"), f"concept {concept.name}")
+    width, height = width or binding.native_size, height or binding.native_size
     if width % binding.size_multiple or height % binding.size_multiple:
         raise InvalidInput(f"image size {width}x{height} must be a multiple of {binding.size_multiple} for this model")
     layers = composed_adapters(concepts, {c.name: args.adapter_weight for c in concepts})

@@ -14,7 +14,7 @@ from .schedules import LearningRateSchedule
 LATENT_SAMPLING = ("once", "deterministic", "random")
 CLIP_MODES = ("none", "value", "norm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RESIZE_MODES = ("crop", "pad", "stretch")  # how images are fitted to the training size
+RESIZE_MODES = ("crop", "pad", "stretch", "bucket")  # how images are fitted to the training size
 
 
 class ConfigError(InvalidInput):
@@ -72,9 +72,13 @@ class TrainConfig:
     use_negative: bool = option(True, "learn the negative embedding (off = plain textual inversion, g = 1)")
 
     # data
-    width: int = option(512, f"training width in pixels (a multiple of 8, at most {MAX_SIDE})")
-    height: int = option(512, f"training height in pixels (a multiple of 8, at most {MAX_SIDE})")
-    resize: str = option("crop", "how images are fitted to the training size", choices=RESIZE_MODES)
+    width: int = option(0, f"training width in pixels (a multiple of 8, at most {MAX_SIDE}; 0 = the model's native "
+                           "size: 512 SD 1.x and SD 2.x base, 768 SD 2.x-v, 1024 SDXL)")
+    height: int = option(0, f"training height in pixels (a multiple of 8, at most {MAX_SIDE}; 0 = the model's "
+                            "native size)")
+    resize: str = option("crop", "how images are fitted to the training size (bucket: keep each image's aspect "
+                                 "ratio at about the training size's area, as SDXL was trained)",
+                         choices=RESIZE_MODES)
     template: str = option("subject", "prompt template: a shipped name (subject, style, subject_filewords, "
                                       "style_filewords, none) or a .txt file")
     flip: bool = option(False, "also train on the mirrored image")
@@ -134,6 +138,10 @@ class TrainConfig:
     def guidance_schedule(self) -> GuidanceSchedule:
         return GuidanceSchedule.parse(self.guidance) if self.use_negative else GuidanceSchedule(1.0, 1.0)
 
+    def sized_for(self, native_size: int) -> "TrainConfig":
+        """This config with a width or height of 0 replaced by the model's native side length."""
+        return dataclasses.replace(self, width=self.width or native_size, height=self.height or native_size)
+
     def validate(self, size_multiple: int = 8) -> "TrainConfig":
         """Raise ConfigError (a clear sentence) for the first bad option; returns self."""
         try:
@@ -161,10 +169,13 @@ class TrainConfig:
             (1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch size must be between 1 and {MAX_BATCH_SIZE}"),
             (1 <= self.gradient_accumulation <= MAX_GRADIENT_ACCUMULATION,
              f"gradient accumulation must be between 1 and {MAX_GRADIENT_ACCUMULATION}"),
-            (self.width > 0 and self.width % size_multiple == 0,
-             f"width {self.width} must be a positive multiple of {size_multiple} for this model"),
-            (self.height > 0 and self.height % size_multiple == 0,
-             f"height {self.height} must be a positive multiple of {size_multiple} for this model"),
+            # 0 = the model's native size; prepare_run resolves it (sized_for) and validates the result
+            (self.width >= 0 and self.width % size_multiple == 0,
+             f"width {self.width} must be a positive multiple of {size_multiple} for this model (or 0 for the "
+             "model's native size)"),
+            (self.height >= 0 and self.height % size_multiple == 0,
+             f"height {self.height} must be a positive multiple of {size_multiple} for this model (or 0 for the "
+             "model's native size)"),
             (self.width <= MAX_SIDE and self.height <= MAX_SIDE,
              f"training size {self.width}x{self.height} is too large: each side may be at most {MAX_SIDE} px"),
             (self.width * self.height <= MAX_PIXELS,

@@ -9,6 +9,7 @@ PIL's global state (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS) is 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -328,10 +329,33 @@ def _to_training_size(
     return canvas
 
 
-def _prepare_image(path: Path, width: int, height: int, resize: str) -> TrainImage:
+MAX_BUCKET_ASPECT = 4.0
+
+
+def bucket_size(source_width: int, source_height: int, width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The (width, height) of an aspect-ratio bucket: the source's aspect ratio, sides multiples of ``multiple``,
+    area at most ``width * height`` (so memory stays what the training size promises). Aspect ratios beyond 4:1
+    are cropped to 4:1."""
+    area, aspect = width * height, min(max(source_width / source_height, 1 / MAX_BUCKET_ASPECT), MAX_BUCKET_ASPECT)
+    bucket_width = max(multiple, round(math.sqrt(area * aspect) / multiple) * multiple)
+    bucket_height = max(multiple, round(math.sqrt(area / aspect) / multiple) * multiple)
+    while bucket_width * bucket_height > area:  # trim the side whose trimming keeps the aspect ratio best
+        narrower = (bucket_width - multiple, bucket_height)
+        lower = (bucket_width, bucket_height - multiple)
+        candidates = [c for c in (narrower, lower) if min(c) >= multiple]
+        if not candidates:
+            break
+        bucket_width, bucket_height = min(candidates, key=lambda c: abs(math.log(c[0] / c[1] / aspect)))
+    return bucket_width, bucket_height
+
+
+def _prepare_image(path: Path, width: int, height: int, resize: str, multiple: int = 8) -> TrainImage:
     image = _decode_first_frame(path, enforce_min_side=True)
     rgb, alpha = _split_colour_and_alpha(image)
     source_size = image.size
+    if resize == "bucket":
+        width, height = bucket_size(*source_size, width, height, multiple)
+        resize = "crop"  # the bucket has the image's aspect ratio up to rounding: crop the rounding away
 
     weight = alpha
     mask_path = find_mask_path(path)
@@ -372,13 +396,14 @@ def _check_training_size(value, label: str) -> None:
 
 
 def load_training_images(
-    sources: Sequence[PathLike], width: int, height: int, *, resize: str = "crop"
+    sources: Sequence[PathLike], width: int, height: int, *, resize: str = "crop", multiple: int = 8
 ) -> list[TrainImage]:
     """All-or-nothing: validates and converts EVERY file first; if any is bad raises ImageInputError listing all
     bad files (nothing returned).
 
     resize: 'crop' (scale the shorter side to fit then center-crop), 'pad' (fit inside, pad with white; the
-    padded area gets weight 0) or 'stretch'. width/height must be positive multiples of 8 (ValueError otherwise).
+    padded area gets weight 0), 'stretch' or 'bucket' (each image at its own aspect ratio, see :func:`bucket_size`;
+    ``multiple`` is the model's size multiple). width/height must be positive multiples of 8 (ValueError otherwise).
     Fully opaque images without a mask get weight None (uniform)."""
     _check_training_size(width, "width")
     _check_training_size(height, "height")
@@ -390,7 +415,7 @@ def load_training_images(
     problems: list[tuple[Path, str]] = []
     for path in collect_image_paths(sources):
         try:
-            prepared.append(_prepare_image(path, width, height, resize))
+            prepared.append(_prepare_image(path, width, height, resize, multiple))
         except _Rejected as rejection:
             problems.append((path, str(rejection)))
         except MemoryError:

@@ -8,8 +8,10 @@ positions, so gradients reach them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,11 +20,10 @@ from torch import nn
 
 from . import lora_keys
 from .errors import InvalidInput
-from .model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError,
-                    linear_paths)
+from .model import (PREDICTION_TYPES, TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding,
+                    ModelInfo, TextEncoder, UnsupportedModelError, linear_paths)
 
 log = logging.getLogger(__name__)
-
 
 
 def check_model_files(model: str | Path, config: str | Path | None = None) -> None:
@@ -41,6 +42,46 @@ def check_model_files(model: str | Path, config: str | Path | None = None) -> No
         raise InvalidInput(f"model {path} does not exist")
 
 
+@dataclass
+class _Encoder:
+    """One text encoder and its tokenizer, with where its slice of a learned word's row lies."""
+
+    model: nn.Module
+    tokenizer: object
+    info: TextEncoder
+    offset: int  # this encoder's columns in a word's [n, token_dim] row: offset .. offset + info.dim
+    penultimate: bool  # SDXL reads the second-to-last hidden state; SD 1.x/2.x the final (normed) one
+
+    @property
+    def table(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+
+def native_size_of(model: str | Path, config: str | Path | None = None) -> int:
+    """The family's side length read from the model's config files alone (before loading, so a run is validated
+    at the size it will train at): 1024 SDXL, 768 SD 2.x-v, else 512. Unknown layouts give 512."""
+    folder = Path(model) if Path(model).is_dir() else (Path(config) if config and Path(config).is_dir() else None)
+    if folder is None:
+        if config is None or not Path(config).is_file():
+            return 512
+        text = Path(config).read_text(errors="replace")
+        if "DiffusionEngine" in text:
+            return 1024
+        return 768 if re.search(r"parameterization:\s*[\"']?v\b", text) else 512
+
+    def read(name: str) -> dict:
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    if (folder / "text_encoder_2").is_dir() or "XL" in read("model_index.json").get("_class_name", ""):
+        return 1024
+    v_prediction = read("scheduler/scheduler_config.json").get("prediction_type") == "v_prediction"
+    open_clip = read("text_encoder/config.json").get("hidden_act") == "gelu"
+    return 768 if v_prediction and open_clip else 512
+
+
 class DiffusersBinding(DiffusionBinding):
     def __init__(
         self,
@@ -50,34 +91,57 @@ class DiffusersBinding(DiffusionBinding):
         text_encoder: nn.Module,
         tokenizer,
         alphas_cumprod: torch.Tensor,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer_2=None,
+        prediction_type: str = "epsilon",
         name: str = "diffusers model",
         model_hash: str = "",
     ) -> None:
         super().__init__()
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        for module in (unet, vae, text_encoder):
-            module.eval()
+        self.unet, self.vae = unet, vae
+        for module in (unet, vae, text_encoder, text_encoder_2):
+            if module is not None:
+                module.eval()
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
-        self.token_embedding: nn.Embedding = text_encoder.get_input_embeddings()
-        self.token_dim = self.token_embedding.embedding_dim
-        width = text_encoder.config.hidden_size
-        if getattr(unet.config, "addition_embed_type", None) or width >= 1024:
-            # SD2 (OpenCLIP-H, 1024 wide) and SDXL (two text encoders) need bindings of their own.
+        if prediction_type not in PREDICTION_TYPES:
+            raise UnsupportedModelError(f"the scheduler's prediction type {prediction_type!r} is not supported "
+                                        f"(expected one of {', '.join(PREDICTION_TYPES)})")
+        self.prediction_type = prediction_type
+        self.family = _family_of(unet, text_encoder, text_encoder_2)
+        if self.family == "sdxl":
+            specs = [(text_encoder, tokenizer, "clip_l"), (text_encoder_2, tokenizer_2, "clip_g")]
+        else:
+            specs = [(text_encoder, tokenizer, "clip_l" if self.family == "sd1" else "clip_h")]
+        self.text_encoders: list[_Encoder] = []
+        offset = 0
+        for model, tok, key in specs:
+            if tok is None:
+                raise UnsupportedModelError(f"the {key} text encoder has no tokenizer")
+            width = model.get_input_embeddings().embedding_dim
+            self.text_encoders.append(_Encoder(model, tok, TextEncoder(key, width), offset, self.family == "sdxl"))
+            offset += width
+        self.encoders = tuple(e.info for e in self.text_encoders)
+        # Kept for callers that knew one encoder (single-encoder families); SDXL's second one is text_encoder_2.
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        context = sum(e.model.config.hidden_size for e in self.text_encoders)
+        if getattr(unet.config, "cross_attention_dim", None) != context:
             raise UnsupportedModelError(
-                "this looks like a Stable Diffusion 2.x or SDXL model; DreamArtist supports SD 1.x models for now"
-            )
-        if getattr(unet.config, "cross_attention_dim", None) != width:
-            raise UnsupportedModelError("the U-Net's cross-attention width does not match the text encoder")
+                f"the U-Net's cross-attention width ({unet.config.cross_attention_dim}) does not match the text "
+                f"encoders ({context})")
+        self.native_size = {"sd1": 512, "sd2": 768 if prediction_type == "v_prediction" else 512,
+                            "sdxl": 1024}[self.family]
         self.latent_scale_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
         self.vae_downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_downscale * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.unet_layout = lora_keys.UnetLayout.from_diffusers_config(unet.config)
         self._name, self._hash = name, model_hash
         self._words: dict[str, torch.Tensor] = {}
         self._word_pattern: re.Pattern | None = None
         self._pending: list[tuple[int, int, torch.Tensor]] = []
-        self._hook = self.token_embedding.register_forward_hook(self._inject_words)
+        self._hooks = [e.table.register_forward_hook(self._injector(e)) for e in self.text_encoders]
 
     # -- loading ------------------------------------------------------------------------------------------------
 
@@ -90,10 +154,11 @@ class DiffusersBinding(DiffusionBinding):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "DiffusersBinding":
-        """A diffusers folder, or a single-file checkpoint (.safetensors/.ckpt) with ``config``: the original
-        LDM yaml or a diffusers folder holding the component configs. Never downloads."""
-        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        """A diffusers folder (SD 1.x, SD 2.x or SDXL), or a single-file checkpoint (.safetensors/.ckpt) with
+        ``config``: the original LDM/sgm yaml or a diffusers folder holding the component configs. Never
+        downloads."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         path = Path(model)
         check_model_files(path, config)
@@ -105,33 +170,50 @@ class DiffusersBinding(DiffusionBinding):
                 text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
                 tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
             )
+            if (path / "text_encoder_2").is_dir():
+                parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                    path, subfolder="text_encoder_2", **kwargs)
+                parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(
+                    path, subfolder="tokenizer_2", local_files_only=True)
             scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
             fingerprint = _folder_fingerprint(path)
         else:
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
             config = Path(config)
             extra = {"config": str(config)} if config.is_dir() else {"original_config": str(config)}
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None, **extra
-            )
+            pipeline = StableDiffusionXLPipeline if _names_sdxl(config) else StableDiffusionPipeline
+            options = {} if pipeline is StableDiffusionXLPipeline else {"safety_checker": None}
+            pipe = pipeline.from_single_file(str(path), torch_dtype=dtype, local_files_only=True, **options, **extra)
             parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            if pipeline is StableDiffusionXLPipeline:
+                parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
             scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
             fingerprint = _file_fingerprint(path)
-        for name in ("unet", "vae", "text_encoder"):
-            parts[name].to(device)
-        return cls(**parts, alphas_cumprod=scheduler.alphas_cumprod, name=path.name, model_hash=fingerprint)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if name in parts:
+                parts[name].to(device)
+        return cls(**parts, alphas_cumprod=scheduler.alphas_cumprod,
+                   prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+                   name=path.name, model_hash=fingerprint)
 
     # -- text ---------------------------------------------------------------------------------------------------
 
     def token_vectors(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        return self.token_embedding.weight[ids].detach().float()
+        rows = []
+        for encoder in self.text_encoders:
+            ids = encoder.tokenizer(text, add_special_tokens=False).input_ids
+            rows.append(encoder.table.weight[ids].detach().float())
+        if len({r.shape[0] for r in rows}) != 1:
+            raise InvalidInput(f"the text encoders' tokenizers split {text!r} differently; use another init text")
+        return torch.cat(rows, dim=1)
 
     def end_token_vector(self) -> torch.Tensor:
-        return self.token_embedding.weight[self.tokenizer.eos_token_id].detach().float()
+        return torch.cat([e.table.weight[e.tokenizer.eos_token_id].detach().float() for e in self.text_encoders])
 
     def embedding_table_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        table = self.token_embedding.weight.detach().float()
-        return table.mean(0), table.std(0)
+        tables = [e.table.weight.detach().float() for e in self.text_encoders]
+        return torch.cat([t.mean(0) for t in tables]), torch.cat([t.std(0) for t in tables])
 
     def _install_words(self, vectors: Mapping[str, torch.Tensor]) -> None:
         for word, tensor in vectors.items():
@@ -156,62 +238,86 @@ class DiffusersBinding(DiffusionBinding):
         self._word_pattern = re.compile(rf"(?<![\w])({alternation})(?![\w])", re.IGNORECASE)
         self._word_lookup = {w.lower(): w for w in words}
 
-    def _tokenize(self, prompt: str) -> tuple[list[int], list[tuple[int, str]]]:
+    def _tokenize(self, tokenizer, prompt: str) -> tuple[list[int], list[tuple[int, str]]]:
         """Token ids without start/end, and (position, word) of every learned word (its placeholder slots)."""
         ids: list[int] = []
         slots: list[tuple[int, str]] = []
-        placeholder = self.tokenizer.eos_token_id
         cursor = 0
         matches = self._word_pattern.finditer(prompt) if self._word_pattern else ()
         for match in matches:
-            ids += self.tokenizer(prompt[cursor : match.start()], add_special_tokens=False).input_ids
+            ids += tokenizer(prompt[cursor : match.start()], add_special_tokens=False).input_ids
             word = self._word_lookup[match.group(1).lower()]
             slots.append((len(ids), word))
-            ids += [placeholder] * self._words[word].shape[0]
+            # Placeholder id 0, as the host writes: never the end token, which SDXL's pooling looks for.
+            ids += [PLACEHOLDER_ID] * self._words[word].shape[0]
             cursor = match.end()
-        ids += self.tokenizer(prompt[cursor:], add_special_tokens=False).input_ids
+        ids += tokenizer(prompt[cursor:], add_special_tokens=False).input_ids
         return ids, slots
 
-    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        length = self.tokenizer.model_max_length
-        room = length - 2
+    def _encode(self, prompts: Sequence[str], image_size: tuple[int, int]) -> Conditioning:
+        contexts, pooled = [], None
+        for encoder in self.text_encoders:
+            hidden, pooled_here = self._run_encoder(encoder, prompts)
+            contexts.append(hidden)
+            pooled = pooled_here
+        context = torch.cat(contexts, dim=-1)
+        if self.family != "sdxl":
+            return context
+        # SDXL's micro-conditioning: original size, crop (top, left), target size; the same for both branches.
+        height, width = image_size
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device).repeat(len(prompts), 1)
+        return {"crossattn": context, "text_embeds": pooled, "time_ids": time_ids}
+
+    def _run_encoder(self, encoder: _Encoder, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokenizer = encoder.tokenizer
+        room = tokenizer.model_max_length - 2
         batch_ids, pending = [], []
         for row, prompt in enumerate(prompts):
-            ids, slots = self._tokenize(prompt)
+            ids, slots = self._tokenize(tokenizer, prompt)
             if len(ids) > room:
-                log.warning("prompt is longer than %d tokens and was cut: %r", room, prompt)
+                if encoder.offset == 0:
+                    log.warning("prompt is longer than %d tokens and was cut: %r", room, prompt)
                 ids = ids[:room]
             for position, word in slots:
-                vectors = self._words[word]
+                vectors = self._words[word][:, encoder.offset:encoder.offset + encoder.info.dim]
                 fits = min(vectors.shape[0], room - position)
                 if fits > 0:
                     pending.append((row, 1 + position, vectors[:fits]))
-            pad = [self.tokenizer.pad_token_id] * (room - len(ids))
-            batch_ids.append([self.tokenizer.bos_token_id] + ids + [self.tokenizer.eos_token_id] + pad)
+            pad = [tokenizer.pad_token_id] * (room - len(ids))
+            batch_ids.append([tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id] + pad)
         input_ids = torch.tensor(batch_ids, device=self.device)
         self._pending = pending
         try:
-            return self.text_encoder(input_ids)[0]
+            out = encoder.model(input_ids, output_hidden_states=encoder.penultimate)
         finally:
             self._pending = []
+        hidden = out.hidden_states[-2] if encoder.penultimate else out[0]
+        return hidden, getattr(out, "text_embeds", None)
 
-    def _inject_words(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
-        if not self._pending:
-            return None
-        rows, cols, values = [], [], []
-        for row, start, vectors in self._pending:
-            n = vectors.shape[0]
-            rows.append(torch.full((n,), row, dtype=torch.long))
-            cols.append(torch.arange(start, start + n))
-            values.append(vectors.to(output.dtype))
-        index = (torch.cat(rows).to(output.device), torch.cat(cols).to(output.device))
-        # out-of-place: the result keeps the graph back to the learned vectors
-        return output.index_put(index, torch.cat(values).to(output.device))
+    def _injector(self, encoder: _Encoder):
+        def inject(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
+            if not self._pending:
+                return None
+            rows, cols, values = [], [], []
+            for row, start, vectors in self._pending:
+                n = vectors.shape[0]
+                rows.append(torch.full((n,), row, dtype=torch.long))
+                cols.append(torch.arange(start, start + n))
+                values.append(vectors.to(output.dtype))
+            index = (torch.cat(rows).to(output.device), torch.cat(cols).to(output.device))
+            # out-of-place: the result keeps the graph back to the learned vectors
+            return output.index_put(index, torch.cat(values).to(output.device))
+
+        return inject
 
     # -- U-Net and VAE ------------------------------------------------------------------------------------------
 
-    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=context.to(self.dtype)).sample
+    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if isinstance(cond, dict):
+            added = {"text_embeds": cond["text_embeds"].to(self.dtype), "time_ids": cond["time_ids"].to(self.dtype)}
+            return self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond["crossattn"].to(self.dtype),
+                             added_cond_kwargs=added).sample
+        return self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
@@ -223,6 +329,22 @@ class DiffusersBinding(DiffusionBinding):
     # -- adapters and switches ----------------------------------------------------------------------------------
 
     def adapter_sites(self) -> list[AdapterSite]:
+        if self.family == "sdxl":
+            # kohya's SDXL files name the U-Net in the original (sgm) naming and the encoders te1 / te2.
+            layout = self.unet_layout
+
+            def unet_prefix(path: str) -> str:
+                return lora_keys.kohya_prefix("unet", lora_keys.diffusers_to_compvis_unet(path, layout))
+
+            encoders = nn.ModuleDict({"te1": self.text_encoder, "te2": self.text_encoder_2})
+            # SDXL reads clip_l at its penultimate layer: the last layer never sees a gradient (clip_g's does,
+            # through the pooled vector), so it gets no adapter.
+            unused = f"te1.text_model.encoder.layers.{self.text_encoder.config.num_hidden_layers - 1}."
+            paths = tuple(p for p in linear_paths(encoders, TEXT_TARGETS) if not p.startswith(unused))
+            return [
+                AdapterSite("unet", self.unet, linear_paths(self.unet, UNET_TARGETS), unet_prefix),
+                AdapterSite("te", encoders, paths, lora_keys.sdxl_text_prefix),
+            ]
         return [
             AdapterSite("unet", self.unet, linear_paths(self.unet, UNET_TARGETS),
                         lambda path: lora_keys.kohya_prefix("unet", path)),
@@ -231,7 +353,7 @@ class DiffusersBinding(DiffusionBinding):
         ]
 
     def trainable_roots(self) -> list[nn.Module]:
-        return [self.unet, self.vae, self.text_encoder]
+        return [self.unet, self.vae] + [e.model for e in self.text_encoders]
 
     def checkpointed_modules(self, part: str) -> list[nn.Module]:
         from diffusers.models.attention import BasicTransformerBlock
@@ -241,7 +363,32 @@ class DiffusersBinding(DiffusionBinding):
         return [m for m in root.modules() if isinstance(m, block)]
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(name=self._name, hash=self._hash)
+        return ModelInfo(name=self._name, hash=self._hash, architecture=self.family)
+
+
+PLACEHOLDER_ID = 0
+
+
+def _family_of(unet: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Module | None) -> str:
+    """sdxl: two text encoders and the text/time-conditioned U-Net; sd2: OpenCLIP (gelu) text encoder; else sd1."""
+    text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if text_encoder_2 is not None or text_time:
+        if text_encoder_2 is None or not text_time:
+            raise UnsupportedModelError("an SDXL model needs both text encoders and the text/time-conditioned U-Net")
+        return "sdxl"
+    if getattr(unet.config, "addition_embed_type", None) or getattr(unet.config, "class_embed_type", None):
+        raise UnsupportedModelError("this U-Net takes extra conditioning (an upscaler or unCLIP model?); "
+                                    "DreamArtist trains SD 1.x, SD 2.x and SDXL text-to-image models")
+    return "sd2" if getattr(text_encoder.config, "hidden_act", "quick_gelu") == "gelu" else "sd1"
+
+
+def _names_sdxl(config: Path) -> bool:
+    """Whether a single file's config (diffusers folder or original yaml) describes an SDXL model."""
+    if config.is_dir():
+        index = config / "model_index.json"
+        return index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", "")
+    text = config.read_text(errors="replace")
+    return "sgm." in text and "DiffusionEngine" in text
 
 
 def _file_fingerprint(path: Path) -> str:

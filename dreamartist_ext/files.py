@@ -12,7 +12,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -167,10 +167,21 @@ def _require_finite(tensor: torch.Tensor, what: str) -> None:
 EMBEDDING_KEY = "emb_params"  # the host loads a safetensors embedding only if it holds exactly one tensor
 EMBEDDING_FORMAT = "dreamartist-embedding/1"
 _HOST_PT_EXTRA_KEYS = ("string_to_param", "string_to_token")
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # in the order of the engine's concatenated rows
 
 
-def save_embedding(path: str | os.PathLike[str], vectors: torch.Tensor, metadata: Mapping[str, Any]) -> Path:
-    """Save ``vectors`` [n_vectors, dim] as float32 under EMBEDDING_KEY, with metadata plus 'format'."""
+def save_embedding(
+    path: str | os.PathLike[str],
+    vectors: torch.Tensor,
+    metadata: Mapping[str, Any],
+    encoders: Sequence[tuple[str, int]] = (),
+) -> Path:
+    """Save ``vectors`` [n_vectors, dim] as float32, with metadata plus 'format'.
+
+    One text encoder (or ``encoders`` empty): one tensor under EMBEDDING_KEY. Several (SDXL): the row is the
+    encoders' vectors side by side, ``encoders`` gives (key, width) in that order, and each slice is stored
+    under its key — ``{'clip_l': [n, 768], 'clip_g': [n, 1280]}``, the layout the host and kohya read.
+    """
     target = _require_suffix(path, "embedding")
     if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point():
         raise ValueError("embedding vectors must be a floating-point tensor")
@@ -180,14 +191,24 @@ def save_embedding(path: str | os.PathLike[str], vectors: torch.Tensor, metadata
     stored = vectors.detach().to("cpu", torch.float32).contiguous()
     _require_finite(stored, f"embedding for {target.name}")
     encoded = encode_metadata({**metadata, "format": EMBEDDING_FORMAT})
-    return save_safetensors_atomic(target, {EMBEDDING_KEY: stored}, encoded)
+    if len(encoders) <= 1:
+        return save_safetensors_atomic(target, {EMBEDDING_KEY: stored}, encoded)
+    if sum(width for _, width in encoders) != stored.shape[1]:
+        raise ValueError(f"embedding rows are {stored.shape[1]} wide; the encoders {list(encoders)} add up to "
+                         f"{sum(width for _, width in encoders)}")
+    tensors, offset = {}, 0
+    for key, width in encoders:
+        tensors[key] = stored[:, offset:offset + width].contiguous()
+        offset += width
+    return save_safetensors_atomic(target, tensors, encoded)
 
 
 def load_embedding(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Load an embedding as float32 [n_vectors, dim] plus its metadata.
 
-    Reads our files, any single-tensor safetensors file (kohya 'emb_params', diffusers concepts) and the host's
-    ``.pt``/``.bin`` format ``{'string_to_param': {'*': T}, ...}`` (unpickled with weights_only=True).
+    Reads our files, any single-tensor safetensors file (kohya 'emb_params', diffusers concepts), SDXL files
+    ``{'clip_l', 'clip_g'}`` (returned side by side, [n, 768 + 1280]) and the host's ``.pt``/``.bin`` format
+    ``{'string_to_param': {'*': T}, ...}`` (unpickled with weights_only=True).
     """
     source = Path(path)
     suffix = source.suffix.lower()
@@ -199,8 +220,11 @@ def load_embedding(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str
     else:
         raise ValueError(f"{source}: not an embedding file (expected .safetensors, .pt or .bin)")
 
-    if set(tensors) == {"clip_l", "clip_g"}:
-        raise ValueError(f"{source}: SDXL embeddings are not supported yet (file holds clip_l and clip_g)")
+    if set(tensors) == set(SDXL_EMBEDDING_KEYS):
+        rows = [_as_vector_rows(tensors[key], source) for key in SDXL_EMBEDDING_KEYS]
+        if rows[0].shape[0] != rows[1].shape[0]:
+            raise ValueError(f"{source}: clip_l has {rows[0].shape[0]} vectors but clip_g {rows[1].shape[0]}")
+        return torch.cat(rows, dim=1), metadata  # the engine's SDXL row: clip_l then clip_g
     if len(tensors) != 1:
         names = ", ".join(sorted(tensors)[:5])
         raise ValueError(f"{source}: an embedding file holds exactly one tensor; this one holds {len(tensors)} ({names})")
@@ -255,7 +279,9 @@ def _as_vector_rows(tensor: torch.Tensor, source: Path) -> torch.Tensor:
 # LoRA (kohya layout, the one the host's built-in Lora extension loads)
 
 LORA_FORMAT = "dreamartist-lora/1"
-_LORA_PART_PREFIXES = ("lora_unet_", "lora_te_")
+_LORA_PART_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# kohya's ss_base_model_version per model family (our metadata's "architecture")
+_KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _LORA_ROLES = {
     "lora_down.weight": "down",
     "lora_up.weight": "up",
@@ -301,7 +327,7 @@ def save_lora(path: str | os.PathLike[str], layers: Mapping[str, LoraLayer], met
         "ss_network_module": "networks.lora",
         "ss_network_dim": ranks.pop() if len(ranks) == 1 else "Dynamic",  # kohya's word for mixed ranks
         "ss_network_alpha": alphas.pop() if len(alphas) == 1 else "Dynamic",
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": _KOHYA_BASE_VERSIONS.get(str(metadata.get("architecture", "sd1")), "sd_v1"),
         "ss_output_name": target.stem,
         "format": LORA_FORMAT,
     }
@@ -311,7 +337,8 @@ def save_lora(path: str | os.PathLike[str], layers: Mapping[str, LoraLayer], met
 def _check_lora_layer(prefix: str, layer: LoraLayer) -> None:
     # The host splits keys at the first '.', so a prefix must not contain one.
     if not isinstance(prefix, str) or "." in prefix or not prefix.startswith(_LORA_PART_PREFIXES):
-        raise ValueError(f"LoRA prefix {prefix!r} must start with 'lora_unet_' or 'lora_te_' and contain no '.'")
+        raise ValueError(f"LoRA prefix {prefix!r} must start with one of {', '.join(_LORA_PART_PREFIXES)} and "
+                         "contain no '.'")
     down, up = layer.down, layer.up
     if not (isinstance(down, torch.Tensor) and isinstance(up, torch.Tensor)):
         raise TypeError(f"LoRA layer {prefix}: down and up must be tensors")

@@ -1,4 +1,4 @@
-"""Layer names for LoRA files, Stable Diffusion 1.x.
+"""Layer names for LoRA files: Stable Diffusion 1.x, 2.x and SDXL.
 
 Three namings meet here:
 - diffusers ``UNet2DConditionModel`` / transformers ``CLIPTextModel`` module paths (what we train on standalone),
@@ -17,6 +17,10 @@ from the block structure of an SD1 U-Net, described by ``UnetLayout``:
 
 Inside a transformer both namings agree (``norm``, ``proj_in``, ``transformer_blocks.N.attn1.to_q``, ...,
 ``proj_out``), so that rest of the path passes through unchanged.
+
+kohya files name SD 1.x/2.x U-Nets in the diffusers naming (``lora_unet_down_blocks_0_attentions_0_...``) and the
+SDXL U-Net in the original one (``lora_unet_input_blocks_4_1_...``); SDXL's two text encoders are ``lora_te1_``
+(CLIP-L) and ``lora_te2_`` (OpenCLIP-bigG), both in transformers ``CLIPTextModel`` naming.
 """
 from __future__ import annotations
 
@@ -24,24 +28,34 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-_KOHYA_PART_PREFIXES = {"unet": "lora_unet_", "te": "lora_te_"}
+_KOHYA_PART_PREFIXES = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
+TEXT_PARTS = ("te", "te1", "te2")
 # The host maps only these text-encoder keys (lora_te_text_model_encoder_layers_*) onto its CLIP model.
 _TEXT_ENCODER_LAYERS = "text_model.encoder.layers."
 _TRANSFORMER_CHILDREN = frozenset({"norm", "proj_in", "transformer_blocks", "proj_out"})
 
 
 def kohya_prefix(part: str, module_path: str) -> str:
-    """kohya key prefix of a module: 'unet' takes diffusers U-Net paths, 'te' transformers CLIPTextModel paths."""
+    """kohya key prefix of a module: 'unet' takes U-Net paths (in the naming the family's files use), 'te'
+    (SD 1.x/2.x), 'te1' and 'te2' (SDXL) transformers CLIPTextModel paths."""
     if part not in _KOHYA_PART_PREFIXES:
-        raise ValueError(f"unknown model part {part!r}: expected 'unet' or 'te'")
+        raise ValueError(f"unknown model part {part!r}: expected one of {', '.join(_KOHYA_PART_PREFIXES)}")
     if not module_path or any(not component for component in module_path.split(".")):
         raise ValueError(f"malformed module path {module_path!r}")
-    if part == "te" and not module_path.startswith(_TEXT_ENCODER_LAYERS):
+    if part in TEXT_PARTS and not module_path.startswith(_TEXT_ENCODER_LAYERS):
         raise ValueError(
             f"text-encoder path {module_path!r} is outside {_TEXT_ENCODER_LAYERS}*: the host's Lora loader "
             "would ignore it"
         )
     return _KOHYA_PART_PREFIXES[part] + module_path.replace(".", "_")
+
+
+def sdxl_text_prefix(path: str) -> str:
+    """kohya prefix of ``te1.<CLIPTextModel path>`` / ``te2.<path>``: SDXL's text encoders under one root."""
+    encoder, _, rest = path.partition(".")
+    if encoder not in ("te1", "te2"):
+        raise ValueError(f"SDXL text-encoder path {path!r} must start with te1. or te2.")
+    return kohya_prefix(encoder, rest)
 
 
 def module_path_for_prefix(prefix: str, module_paths: Iterable[str]) -> str | None:

@@ -1,10 +1,15 @@
-"""The DreamArtist objective (paper eq. 3, 5, 6).
+"""The DreamArtist objective (paper eq. 3, 5, 6), in the model's own parameterization.
 
-    eps_hat = eps_neg + g * (eps_pos - eps_neg)                 CFG-combined prediction
-    L_da    = || eps - eps_hat ||^2                              mean squared error, per-pixel weighted
-    z0_hat  = (z_t - sqrt(1 - abar_t) * eps_hat) / sqrt(abar_t)  predicted clean latent
-    L_rec   = | D(z0_hat) - x |_1                                pixel reconstruction, weighted
+    out_hat = out_neg + g * (out_pos - out_neg)                  CFG-combined prediction
+    L_da    = || target - out_hat ||^2                            mean squared error, per-pixel weighted
+    z0_hat  = (z_t - sqrt(1 - abar_t) * out_hat) / sqrt(abar_t)   predicted clean latent (epsilon models)
+    L_rec   = | D(z0_hat) - x |_1                                 pixel reconstruction, weighted
     L       = L_da + w_rec * L_rec (+ w_lpips * LPIPS(D(z0_hat), x))
+
+For epsilon models (SD 1.x, SD 2.x base, SDXL) the output and the target are the noise eps; for v-prediction
+models (SD 2.x 768-v, v-pred SDXL finetunes) they are v = sqrt(abar_t) eps - sqrt(1 - abar_t) z, and
+z0_hat = sqrt(abar_t) z_t - sqrt(1 - abar_t) v_hat. Guidance is linear and both branches share z_t, so the
+combination means the same in either space.
 
 Every per-sample term is a (weighted) mean over that sample's pixels; the batch value is the mean over samples,
 so k micro-batches of b samples add up to exactly one batch of k*b.
@@ -42,10 +47,47 @@ def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
     return _per_sample_mean((pred.float() - target.float()).abs(), weight)
 
 
-def predicted_clean_latents(noisy: torch.Tensor, eps_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """z0_hat = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), with one abar_t per sample."""
-    a = alpha_bar.to(torch.float32).view(-1, *([1] * (noisy.dim() - 1)))
-    return (noisy.float() - (1 - a).sqrt() * eps_hat.float()) / a.sqrt()
+def _per_sample(alpha_bar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return alpha_bar.to(torch.float32).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unknown prediction type {prediction_type!r}: expected 'epsilon' or 'v_prediction'")
+
+
+def prediction_target(
+    latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """What the U-Net should output: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    a = _per_sample(alpha_bar, latents)
+    return a.sqrt() * noise.float() - (1 - a).sqrt() * latents.float()
+
+
+def predicted_clean_latents(
+    noisy: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """z0_hat from the (guided) output, with one abar_t per sample: (z_t - sqrt(1 - abar_t) eps_hat) /
+    sqrt(abar_t), or sqrt(abar_t) z_t - sqrt(1 - abar_t) v_hat."""
+    _check_prediction_type(prediction_type)
+    a = _per_sample(alpha_bar, noisy)
+    if prediction_type == "epsilon":
+        return (noisy.float() - (1 - a).sqrt() * output.float()) / a.sqrt()
+    return a.sqrt() * noisy.float() - (1 - a).sqrt() * output.float()
+
+
+def predicted_noise(
+    noisy: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """eps_hat from the output: itself, or sqrt(1 - abar_t) z_t + sqrt(abar_t) v_hat."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return output
+    a = _per_sample(alpha_bar, noisy)
+    return (1 - a).sqrt() * noisy.float() + a.sqrt() * output.float()
 
 
 def noised_latents(latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -62,6 +104,19 @@ class LossTerms:
     denoise: torch.Tensor
     reconstruction: torch.Tensor | None = None
     perceptual: torch.Tensor | None = None
+
+    @staticmethod
+    def weighted_sum(parts: "list[tuple[LossTerms, float]]") -> "LossTerms":
+        """sum_i w_i * terms_i, term by term (a term missing from any part is left out)."""
+
+        def combine(name: str) -> torch.Tensor | None:
+            values = [getattr(terms, name) for terms, _ in parts]
+            if any(v is None for v in values):
+                return None
+            return sum(w * v for v, (_, w) in zip(values, parts))
+
+        return LossTerms(total=combine("total"), denoise=combine("denoise"),
+                         reconstruction=combine("reconstruction"), perceptual=combine("perceptual"))
 
     def as_floats(self) -> dict[str, float]:
         out = {"loss": float(self.total.detach()), "loss_denoise": float(self.denoise.detach())}

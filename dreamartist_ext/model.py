@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.utils.checkpoint
@@ -44,6 +44,45 @@ class UnsupportedModelError(InvalidInput):
     """The loaded model is not one DreamArtist can train on (yet)."""
 
 
+FAMILIES = ("sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a model family: its key in embedding files and its token width."""
+
+    key: str  # "clip_l" (SD1, SDXL's first), "clip_h" (SD2), "clip_g" (SDXL's second)
+    dim: int
+
+
+# A prompt batch's conditioning: the cross-attention context [B, L, C], or (SDXL) a dict of batch-first tensors
+# holding it and the pooled/size vector. The engine only concatenates and counts rows; bindings read it.
+Conditioning = Union[torch.Tensor, dict]
+
+
+def concat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:
+    """Rows of several conditionings, in order (dicts key by key)."""
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(list(parts))
+
+
+def conditioning_rows(cond: Conditioning) -> int:
+    return int(next(iter(cond.values())).shape[0]) if isinstance(cond, dict) else int(cond.shape[0])
+
+
+def check_family(binding: "DiffusionBinding", family: object, what: str) -> None:
+    """Refuse files made for another model family (their metadata's "architecture"); files without it pass and
+    meet the width check instead."""
+    if family in FAMILIES and family != binding.family:
+        made, loaded = FAMILY_NAMES[family], FAMILY_NAMES[binding.family]
+        raise UnsupportedModelError(
+            f"{what} was trained on an {made} model and cannot be used with the loaded {loaded} model; "
+            f"load an {made} checkpoint to use it (or train it again on this one)")
+
+
 @dataclass(frozen=True)
 class AdapterSite:
     """Where adapters of one part of the model go.
@@ -62,15 +101,23 @@ class AdapterSite:
 class ModelInfo:
     name: str
     hash: str
-    architecture: str = "sd1"
+    architecture: str = "sd1"  # the model family, FAMILIES
 
 
 class DiffusionBinding(abc.ABC):
-    """One Stable Diffusion (1.x) model as the trainer sees it."""
+    """One Stable Diffusion model (SD 1.x, SD 2.x, SDXL) as the trainer sees it.
+
+    A learned word is ONE tensor [n, token_dim]: the vectors of every text encoder concatenated in
+    ``encoders`` order (SDXL: clip_l then clip_g), so the pair, its optimiser and its checks are the same on
+    every family; bindings split it where they inject it and files split it where the format asks.
+    """
 
     device: torch.device
     dtype: torch.dtype  # dtype of the frozen weights
-    token_dim: int
+    family: str = "sd1"  # FAMILIES
+    prediction_type: str = "epsilon"  # what the U-Net predicts: PREDICTION_TYPES
+    encoders: tuple[TextEncoder, ...]
+    native_size: int = 512  # the side length the family was trained at (default training/preview size)
     latent_channels: int = 4
     latent_scale_factor: float
     vae_downscale: int = 8
@@ -85,6 +132,11 @@ class DiffusionBinding(abc.ABC):
     @property
     def num_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def token_dim(self) -> int:
+        """Width of a learned word's row: the encoders' widths added up."""
+        return sum(encoder.dim for encoder in self.encoders)
 
     # -- text ---------------------------------------------------------------------------------------------------
 
@@ -116,29 +168,35 @@ class DiffusionBinding(abc.ABC):
     def _remove_words(self, vectors: Mapping[str, torch.Tensor]) -> None: ...
 
     @abc.abstractmethod
-    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Cross-attention context [B, L, C] for ``prompts`` with learned words injected."""
+    def _encode(self, prompts: Sequence[str], image_size: tuple[int, int]) -> Conditioning:
+        """Conditioning for ``prompts`` with learned words injected; ``image_size`` (height, width) in pixels is
+        what SDXL's size conditioning states (original = target size, no crop)."""
 
-    def encode_prompts(self, prompts: Sequence[str], branches: Sequence[str]) -> torch.Tensor:
-        """Encode ``prompts``; row i goes through the text-encoder adapter of ``branches[i]``."""
+    def encode_prompts(
+        self, prompts: Sequence[str], branches: Sequence[str], image_size: tuple[int, int] | None = None
+    ) -> Conditioning:
+        """Encode ``prompts``; row i goes through the text-encoder adapters of ``branches[i]``."""
         if len(prompts) != len(branches):
             raise ValueError(f"{len(prompts)} prompts but {len(branches)} branches")
+        size = image_size or (self.native_size, self.native_size)
         with self._routed("te", branches):
-            return self._encode(prompts)
+            return self._encode(prompts, (int(size[0]), int(size[1])))
 
     # -- U-Net --------------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
 
-    def predict_noise(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, branches: Sequence[str]
+    def predict(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, branches: Sequence[str]
     ) -> torch.Tensor:
-        """Predicted noise for a batch; row i goes through the U-Net adapter of ``branches[i]``."""
-        if latents.shape[0] != len(branches):
-            raise ValueError(f"{latents.shape[0]} latent rows but {len(branches)} branches")
+        """The U-Net's raw output for a batch (noise, or v for v-prediction models: ``prediction_type``);
+        row i goes through the U-Net adapter of ``branches[i]``."""
+        if latents.shape[0] != len(branches) or conditioning_rows(cond) != len(branches):
+            raise ValueError(f"{latents.shape[0]} latent rows and {conditioning_rows(cond)} conditioning rows "
+                             f"but {len(branches)} branches")
         with self._routed("unet", branches):
-            return self._predict(latents, timesteps, context)
+            return self._predict(latents, timesteps, cond)
 
     # -- VAE ----------------------------------------------------------------------------------------------------
 
@@ -155,7 +213,7 @@ class DiffusionBinding(abc.ABC):
 
     @abc.abstractmethod
     def adapter_sites(self) -> list[AdapterSite]:
-        """Where LoRA adapters may go: one site per part ("unet", "te")."""
+        """Where LoRA adapters may go: one site per part ("unet", "te"; "te" spans every text encoder)."""
 
     @abc.abstractmethod
     def trainable_roots(self) -> list[nn.Module]:

@@ -17,6 +17,7 @@ from .losses import (
     guided_noise,
     noised_latents,
     predicted_clean_latents,
+    prediction_target,
     weighted_l1,
     weighted_mse,
 )
@@ -26,7 +27,7 @@ from .model import NEG, POS, DiffusionBinding
 @dataclass
 class LossInputs:
     latents: torch.Tensor  # clean scaled latents [B, 4, h, w]
-    noise: torch.Tensor  # eps, same shape
+    noise: torch.Tensor  # eps, same shape (the target is eps or v, as the model predicts)
     timesteps: torch.Tensor  # [B] long
     positive_prompts: list[str]  # prompts with the positive word
     negative_prompts: list[str] | None  # same prompts with the negative word; None = plain textual inversion
@@ -48,24 +49,27 @@ def dreamartist_loss(
     batch = inputs.latents.shape[0]
     alpha_bar = binding.alphas_cumprod[inputs.timesteps]
     noisy = noised_latents(inputs.latents, inputs.noise, alpha_bar)
+    image_size = tuple(side * binding.vae_downscale for side in inputs.latents.shape[-2:])
     if inputs.negative_prompts is not None:
         # One text-encoder call and one U-Net call for both branches: rows [negative; positive].
         branches = [NEG] * batch + [POS] * batch
-        context = binding.encode_prompts(list(inputs.negative_prompts) + list(inputs.positive_prompts), branches)
-        eps = binding.predict_noise(
-            torch.cat([noisy, noisy]), torch.cat([inputs.timesteps, inputs.timesteps]), context, branches
+        cond = binding.encode_prompts(
+            list(inputs.negative_prompts) + list(inputs.positive_prompts), branches, image_size)
+        output = binding.predict(
+            torch.cat([noisy, noisy]), torch.cat([inputs.timesteps, inputs.timesteps]), cond, branches
         )
-        eps_neg, eps_pos = eps.chunk(2)
-        eps_hat = guided_noise(eps_neg, eps_pos, guidance(inputs.timesteps, binding.num_timesteps))
+        out_neg, out_pos = output.chunk(2)
+        out_hat = guided_noise(out_neg, out_pos, guidance(inputs.timesteps, binding.num_timesteps))
     else:
-        context = binding.encode_prompts(inputs.positive_prompts, [POS] * batch)
-        eps_hat = binding.predict_noise(noisy, inputs.timesteps, context, [POS] * batch)
-    denoise = weighted_mse(eps_hat, inputs.noise, inputs.latent_weight).mean()
+        cond = binding.encode_prompts(inputs.positive_prompts, [POS] * batch, image_size)
+        out_hat = binding.predict(noisy, inputs.timesteps, cond, [POS] * batch)
+    target = prediction_target(inputs.latents, inputs.noise, alpha_bar, binding.prediction_type)
+    denoise = weighted_mse(out_hat, target, inputs.latent_weight).mean()
     terms = LossTerms(total=denoise, denoise=denoise)
     if reconstruction_weight > 0 or (perceptual is not None and perceptual_weight > 0):
         if inputs.pixels is None:
             raise ValueError("the reconstruction loss needs the reference pixels")
-        clean = predicted_clean_latents(noisy, eps_hat, alpha_bar)
+        clean = predicted_clean_latents(noisy, out_hat, alpha_bar, binding.prediction_type)
         pixels, pixel_weight = inputs.pixels, inputs.pixel_weight
         if inputs.crop is not None:
             top, left, height, width = inputs.crop

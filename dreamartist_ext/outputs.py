@@ -120,10 +120,12 @@ def save_pair(binding: DiffusionBinding, config: TrainConfig, layout: OutputLayo
     def meta(role: str) -> dict[str, Any]:
         return embedding_metadata(binding, config, role, step, adapters=adapters is not None)
 
-    written = [files.save_embedding(layout.embedding_path(config.name), pair.positive.detach(), meta("positive"))]
+    encoders = [(encoder.key, encoder.dim) for encoder in binding.encoders]
+    written = [files.save_embedding(layout.embedding_path(config.name), pair.positive.detach(), meta("positive"),
+                                    encoders)]
     if pair.negative is not None:
         written.append(files.save_embedding(layout.embedding_path(negative_name(config.name)),
-                                            pair.negative.detach(), meta("negative")))
+                                            pair.negative.detach(), meta("negative"), encoders))
     if adapters is not None:
         for branch, word, role in ((POS, config.name, "positive"), (NEG, negative_name(config.name), "negative")):
             layers = adapters.export(branch)

@@ -39,6 +39,7 @@ class ExistingPair:
     negative: torch.Tensor | None
     step: int
     adapters: dict[str, dict[str, files.LoraLayer]]  # branch -> layers
+    family: str | None = None  # the model family it was trained on (its metadata's "architecture")
 
 
 @dataclass(frozen=True)
@@ -62,17 +63,20 @@ class PreparedRun:
 
 def prepare_run(config: TrainConfig, layout: OutputLayout, *, resume: str | Path | None = None,
                 overwrite: bool = False, continue_existing: bool = False, template_dirs: Sequence[Path] = (),
-                size_multiple: int = DEFAULT_SIZE_MULTIPLE) -> PreparedRun:
-    """Validate a run without a model; raises InvalidInput (one sentence) and writes nothing."""
+                size_multiple: int = DEFAULT_SIZE_MULTIPLE, native_size: int = 512) -> PreparedRun:
+    """Validate a run without a model; raises InvalidInput (one sentence) and writes nothing. A width or height
+    of 0 becomes ``native_size`` (the model family's side length, known from its files before it loads)."""
     if not isinstance(config, TrainConfig):
         raise InvalidInput("the request has no training configuration")
+    config = config.sized_for(native_size)
     config.validate(size_multiple)
     if not isinstance(config.images, list) or not all(isinstance(p, (str, Path)) for p in config.images):
         raise InvalidInput("images must be a list of file or folder paths")
     if not config.images:
         raise InvalidInput("no training images given")
     layout.check_writable()
-    images = tuple(load_training_images(config.images, config.width, config.height, resize=config.resize))
+    images = tuple(load_training_images(config.images, config.width, config.height, resize=config.resize,
+                                        multiple=size_multiple))
     templates = tuple(load_templates(resolve_template(config.template, template_dirs)))
     learning_rates = {part: LearningRateSchedule.parse(text)
                       for part, text in (("embedding", config.embedding_lr), ("unet", config.unet_lr),
@@ -103,7 +107,7 @@ def _existing_pair(config: TrainConfig, layout: OutputLayout, *, overwrite: bool
     if not continue_existing:
         raise TrainingError(f"{existing[0].name} already exists in {existing[0].parent}; choose another name, "
                             f"overwrite it, or continue training it")
-    vectors, step = {}, 0
+    vectors, step, family = {}, 0, None
     for word in pair_words(config):
         path = layout.embedding_path(word)
         if not path.exists():
@@ -114,6 +118,7 @@ def _existing_pair(config: TrainConfig, layout: OutputLayout, *, overwrite: bool
             raise TrainingError(f"cannot continue from {path.name}: {error}") from None
         if word == config.name:
             step = int(meta.get("step", 0) or 0)
+            family = meta.get("architecture")
     adapters = {}
     for branch, word in ((POS, config.name), (NEG, negative_name(config.name))):
         path = layout.lora_path(word)
@@ -122,4 +127,4 @@ def _existing_pair(config: TrainConfig, layout: OutputLayout, *, overwrite: bool
                 adapters[branch], _ = files.load_lora(path)
             except ValueError as error:
                 raise TrainingError(f"cannot continue from {path.name}: {error}") from None
-    return ExistingPair(vectors[config.name], vectors.get(negative_name(config.name)), step, adapters)
+    return ExistingPair(vectors[config.name], vectors.get(negative_name(config.name)), step, adapters, family)

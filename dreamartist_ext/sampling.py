@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .losses import guided_noise, predicted_clean_latents
-from .model import NEG, POS, DiffusionBinding
+from .losses import guided_noise, predicted_clean_latents, predicted_noise
+from .model import NEG, POS, DiffusionBinding, concat_conditioning
 
 
 @dataclass
@@ -41,9 +41,10 @@ def generate(binding: DiffusionBinding, request: SampleRequest) -> list[Image.Im
     if request.width % binding.size_multiple or request.height % binding.size_multiple:
         raise ValueError(f"image size must be a multiple of {binding.size_multiple} for this model")
     count = request.count
-    cond = binding.encode_prompts([request.prompt] * count, [POS] * count)
-    uncond = binding.encode_prompts([request.negative_prompt] * count, [NEG] * count)
-    context = torch.cat([uncond, cond])
+    size = (request.height, request.width)
+    cond = binding.encode_prompts([request.prompt] * count, [POS] * count, size)
+    uncond = binding.encode_prompts([request.negative_prompt] * count, [NEG] * count, size)
+    context = concat_conditioning([uncond, cond])
     branches = [NEG] * count + [POS] * count
     shape = (count, binding.latent_channels, request.height // binding.vae_downscale,
              request.width // binding.vae_downscale)
@@ -54,11 +55,13 @@ def generate(binding: DiffusionBinding, request: SampleRequest) -> list[Image.Im
     guidance = torch.full((count,), float(request.guidance), device=binding.device)
     for i, t in enumerate(timesteps):
         t_batch = torch.full((2 * count,), t, device=binding.device, dtype=torch.long)
-        eps = binding.predict_noise(torch.cat([latents, latents]), t_batch, context, branches).float()
-        eps_neg, eps_pos = eps.chunk(2)
-        eps_hat = guided_noise(eps_neg, eps_pos, guidance)  # the training objective's own formulas
+        output = binding.predict(torch.cat([latents, latents]), t_batch, context, branches).float()
+        out_neg, out_pos = output.chunk(2)
+        out_hat = guided_noise(out_neg, out_pos, guidance)  # the training objective's own formulas
         a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0, device=alphas.device)
-        clean = predicted_clean_latents(latents, eps_hat, alphas[t].expand(count))
+        a_t = alphas[t].expand(count)
+        clean = predicted_clean_latents(latents, out_hat, a_t, binding.prediction_type)
+        eps_hat = predicted_noise(latents, out_hat, a_t, binding.prediction_type)
         latents = a_prev.sqrt() * clean + (1 - a_prev).sqrt() * eps_hat
     pixels = binding.decode_latents(latents).float().clamp(-1, 1)
     return [to_pil(p) for p in pixels]

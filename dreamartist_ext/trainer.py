@@ -36,7 +36,7 @@ from .embeddings import EmbeddingPair, create_pair
 from .errors import TrainingError
 from .logs import LossLog, plot_losses
 from .losses import LossTerms, PerceptualLoss, PerceptualLossUnavailable
-from .model import NEG, POS, DiffusionBinding, frozen
+from .model import NEG, POS, DiffusionBinding, UnsupportedModelError, check_family, frozen
 from .names import negative_name
 from .objective import LossInputs, dreamartist_loss
 from .outputs import OutputLayout, save_pair
@@ -181,6 +181,11 @@ class Trainer:
     def _check_model(self) -> None:
         self.config.validate(self.binding.size_multiple)
         existing = self.prepared.existing
+        if existing is not None:
+            try:
+                check_family(self.binding, existing.family, self.config.name)
+            except UnsupportedModelError as error:
+                raise TrainingError(str(error)) from None
         if existing is not None and existing.positive.shape[1] != self.binding.token_dim:
             raise TrainingError(
                 f"{self.config.name} has {existing.positive.shape[1]}-wide vectors; this model needs "
@@ -446,7 +451,18 @@ class Trainer:
         return samples
 
     def _micro_batch_loss(self, samples: list[_Sample]) -> LossTerms:
-        """Draw this micro-batch's latents, timesteps and noise, then evaluate the objective."""
+        """The micro-batch's loss; images of different sizes (aspect-ratio buckets) are evaluated size by size and
+        weighted by their share, which is exactly the batch mean since every term is a mean of per-sample terms."""
+        groups: dict[tuple[int, ...], list[_Sample]] = {}
+        for sample in samples:
+            groups.setdefault(tuple(self._cache[sample.image].mean.shape), []).append(sample)
+        if len(groups) == 1:
+            return self._same_size_loss(samples)
+        parts = [(self._same_size_loss(group), len(group) / len(samples)) for group in groups.values()]
+        return LossTerms.weighted_sum(parts)
+
+    def _same_size_loss(self, samples: list[_Sample]) -> LossTerms:
+        """Draw these samples' latents, timesteps and noise, then evaluate the objective."""
         binding, config, generator = self.binding, self.config, self.generator
         device = binding.device
         cached = [self._cache[s.image] for s in samples]

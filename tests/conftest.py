@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Stable-Diffusion-architecture model (written once per session, tokenizer
-included) and a fresh binding on it for every test that needs one."""
+"""Shared fixtures: tiny random Stable-Diffusion-architecture models (written once per session, tokenizers
+included) and a fresh binding on one for every test that needs it: ``binding`` is SD 1.x, ``family_binding``
+runs a test once per family (SD 1.x, SD 2.x-v, SDXL)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from dreamartist_ext.diffusers_binding import DiffusersBinding
-from dreamartist_ext.tiny import save_tiny_model
+from dreamartist_ext.tiny import FAMILIES, save_tiny_model
 from support import write_image
 
 torch.set_num_threads(2)
@@ -24,6 +25,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def binding(tiny_model_dir) -> DiffusersBinding:
     return DiffusersBinding.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    dirs = {"sd1": tiny_model_dir}
+    for family in ("sd2", "sdxl"):
+        dirs[family] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), seed=0, family=family)
+    return dirs
+
+
+@pytest.fixture(params=FAMILIES)
+def family_binding(request, tiny_family_dirs) -> DiffusersBinding:
+    return DiffusersBinding.load(tiny_family_dirs[request.param])
 
 
 @pytest.fixture()

@@ -53,3 +53,21 @@ def make_trainer(binding, config, layout, *, callbacks=None, **flags):
 
     prepared = prepare_run(config, layout, size_multiple=binding.size_multiple, **flags)
     return Trainer(binding, prepared, callbacks=callbacks)
+
+
+def random_conditioning(binding, rows: int, generator: torch.Generator):
+    """Identical random conditioning rows in the binding's own form (a context tensor, or SDXL's dict)."""
+    width = binding.unet.config.cross_attention_dim
+    context = torch.randn(1, 77, width, generator=generator).repeat(rows, 1, 1)
+    if binding.family != "sdxl":
+        return context
+    pooled = torch.randn(1, binding.text_encoder_2.config.projection_dim, generator=generator).repeat(rows, 1)
+    return {"crossattn": context, "text_embeds": pooled,
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(rows, 1)}
+
+
+def conditioning_row(cond, row: int) -> torch.Tensor:
+    """One row of a conditioning as a flat tensor (context, then SDXL's pooled vector)."""
+    if isinstance(cond, dict):
+        return torch.cat([cond["crossattn"][row].flatten(), cond["text_embeds"][row].flatten()])
+    return cond[row].flatten()

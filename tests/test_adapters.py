@@ -8,7 +8,7 @@ import torch
 from dreamartist_ext import files
 from dreamartist_ext.adapters import AdapterError, AdapterSpec, BranchAdapters, compose_layers
 from dreamartist_ext.model import NEG, POS
-from support import state_fingerprint
+from support import conditioning_row, random_conditioning, state_fingerprint
 
 BOTH = {POS: AdapterSpec(4, 4.0), NEG: AdapterSpec(4, 4.0)}
 
@@ -24,13 +24,14 @@ def _unet_call(binding, branches):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 4, 8, 8, generator=g).repeat(len(branches), 1, 1, 1)  # identical rows
     t = torch.full((len(branches),), 400)
-    ctx = torch.randn(1, 77, binding.token_dim, generator=g).repeat(len(branches), 1, 1)
+    ctx = random_conditioning(binding, len(branches), g)
     with torch.no_grad():
-        return binding.predict_noise(x, t, ctx, branches)
+        return binding.predict(x, t, ctx, branches)
 
 
 @pytest.mark.parametrize("trained", [NEG, POS])
-def test_an_adapter_changes_only_its_own_branch_rows(binding, trained):
+def test_an_adapter_changes_only_its_own_branch_rows(family_binding, trained):
+    binding = family_binding
     base = _unet_call(binding, [NEG, POS])
     with BranchAdapters(binding.adapter_sites(), {"unet": BOTH}) as adapters:
         binding.adapters = adapters
@@ -43,8 +44,10 @@ def test_an_adapter_changes_only_its_own_branch_rows(binding, trained):
     assert torch.equal(routed[other], base[other])
 
 
-def test_each_row_gets_exactly_its_branch_adapter(binding):
-    """With both adapters trained, a mixed batch equals each branch computed on its own."""
+def test_each_row_gets_exactly_its_branch_adapter(family_binding):
+    """With both adapters trained, a mixed batch equals each branch computed on its own (on SDXL, both text
+    encoders and the pooled vector included)."""
+    binding = family_binding
     with BranchAdapters(binding.adapter_sites(), {"unet": BOTH, "te": BOTH}) as adapters:
         binding.adapters = adapters
         _randomize(adapters, POS, seed=1)
@@ -60,9 +63,12 @@ def test_each_row_gets_exactly_its_branch_adapter(binding):
     torch.testing.assert_close(mixed[2], only_neg[2], rtol=0, atol=1e-5)
     torch.testing.assert_close(mixed[1], only_pos[1], rtol=0, atol=1e-5)
     assert not torch.allclose(only_neg[0], only_pos[0], atol=1e-4)
-    torch.testing.assert_close(text_mixed[0], text_neg[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(text_mixed[1], text_pos[1], rtol=0, atol=1e-5)
-    assert not torch.allclose(text_neg[0], text_pos[0], atol=1e-4)
+    row = conditioning_row
+    torch.testing.assert_close(row(text_mixed, 0), row(text_neg, 0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(row(text_mixed, 1), row(text_pos, 1), rtol=0, atol=1e-5)
+    assert not torch.allclose(row(text_neg, 0), row(text_pos, 0), atol=1e-4)
+    if binding.family == "sdxl":  # the pooled vector comes through the second encoder's adapters too
+        assert not torch.allclose(text_neg["text_embeds"][0], text_pos["text_embeds"][0], atol=1e-4)
 
 
 def test_unrouted_calls_run_the_base_weights(binding):

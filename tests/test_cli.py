@@ -264,7 +264,7 @@ def test_help_comes_from_the_config_fields(tmp_path):
     for flag in ("--steps", "--guidance", "--seed", "--width", "--height", "--count", "--device", "--out"):
         assert len(blocks[flag].split()) > 3, (flag, blocks[flag])  # a meaning, not just the metavar
     for flag, default in (("--steps", "30"), ("--guidance", "7.0"), ("--seed", "0"), ("--count", "1"),
-                          ("--out", "generated"), ("--width", "512"), ("--device", "cuda if available")):
+                          ("--out", "generated"), ("--width", "the model's native size"), ("--device", "cuda if available")):
         assert f"(default: {default}" in blocks[flag], (flag, blocks[flag])
     assert "(default: None)" not in generate
 
@@ -283,3 +283,28 @@ def test_generate_adds_name_neg_by_whole_words(tmp_path):
     again = cli("generate", "--demo", "--concepts", str(out), "--out", str(tmp_path / "gen"), "--steps", "1",
                 "--negative", "(dreamdemo-neg:1.2)", cwd=tmp_path)
     assert "negative: (dreamdemo-neg:1.2)\n" in again.stdout  # already there, inside emphasis: not added twice
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_train_and_generate_on_sd2_and_sdxl_folders(tiny_family_dirs, family, tmp_path):
+    """The same two commands on an SD 2.x-v or SDXL diffusers folder; a concept of one family is refused by
+    another with a sentence, not a shape error."""
+    image = write_image(tmp_path / "ref.png")
+    out = tmp_path / "out"
+    run = cli("train", "--model", str(tiny_family_dirs[family]), "--image", str(image), "--name", "thing",
+              "--out", str(out), "--width", "32", "--height", "32", "--steps", "2", "--save-every", "0",
+              "--preview-every", "0", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    _, meta = files.load_embedding(out / "embeddings/thing.safetensors")
+    assert meta["architecture"] == family and (out / "lora/thing-neg.safetensors").is_file()
+    gen = cli("generate", "--model", str(tiny_family_dirs[family]), "--concepts", str(out), "--prompt",
+              "a photo of thing", "--width", "64", "--height", "64", "--steps", "2", "--out", str(tmp_path / "gen"),
+              cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    assert "negative: thing-neg" in gen.stdout and len(list((tmp_path / "gen").glob("*.png"))) == 1
+    other = cli("generate", "--model", str(tiny_family_dirs["sd1"]), "--concepts", str(out), "--prompt",
+                "a photo of thing", "--width", "64", "--height", "64", "--steps", "2", "--out",
+                str(tmp_path / "gen1"), cwd=tmp_path)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    made = {"sd2": "SD 2.x", "sdxl": "SDXL"}[family]
+    assert f"was trained on an {made} model and cannot be used with the loaded SD 1.x model" in other.stderr

@@ -63,3 +63,12 @@ def test_every_option_has_help_in_its_field():
     for cls in (TrainConfig, PreviewConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_size_0_means_the_models_native_size():
+    config = TrainConfig.from_dict({"name": "cube", "height": 768})
+    assert (config.width, config.height) == (0, 768) and config.validate() is config
+    sized = config.sized_for(1024)
+    assert (sized.width, sized.height) == (1024, 768)
+    with pytest.raises(ConfigError, match="too much for one micro-batch"):
+        TrainConfig.from_dict({"name": "cube", "batch_size": 17}).sized_for(1024).validate()

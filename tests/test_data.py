@@ -631,3 +631,22 @@ def test_sample_image_is_small_loadable_and_reproducible():
     make_sample = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_sample)
     assert np.array_equal(np.asarray(make_sample.draw_sample()), stored)
+
+
+@pytest.mark.parametrize("source, expected", [((1600, 900), (1344, 768)), ((900, 1600), (768, 1344)),
+                                              ((1000, 1000), (1024, 1024)), ((4000, 500), (2048, 512))])
+def test_buckets_keep_the_aspect_ratio_within_the_area(source, expected):
+    from dreamartist_ext.data import bucket_size
+
+    width, height = bucket_size(*source, 1024, 1024, 64)
+    assert (width, height) == expected
+    assert width % 64 == 0 and height % 64 == 0 and width * height <= 1024 * 1024
+
+
+def test_bucket_mode_gives_each_image_its_own_size(tmp_path):
+    from support import write_image
+
+    wide = write_image(tmp_path / "wide.png", size=(160, 80))
+    tall = write_image(tmp_path / "tall.png", size=(80, 160), seed=1)
+    images = load_training_images([wide, tall], 64, 64, resize="bucket", multiple=16)
+    assert [tuple(i.pixels.shape) for i in images] == [(3, 48, 80), (3, 80, 48)]  # 96x48 would exceed 64x64

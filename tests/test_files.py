@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from dreamartist_ext.files import (
     EMBEDDING_KEY,
@@ -216,12 +216,30 @@ def test_kohya_and_diffusers_single_tensor_files_load(tmp_path):
     assert torch.equal(loaded, concept.unsqueeze(0))
 
 
-def test_sdxl_embedding_is_refused_with_a_clear_message(tmp_path):
+def test_sdxl_embeddings_round_trip_in_the_hosts_layout(tmp_path):
+    """Rows are clip_l | clip_g side by side in the engine; the file holds one tensor per encoder (what the host,
+    kohya and Forge read), bit-exactly, and foreign SDXL files load the same way."""
+    vectors = torch.randn(3, 768 + 1280, generator=torch.Generator().manual_seed(1))
+    path = save_embedding(tmp_path / "cat.safetensors", vectors, {"step": 7}, [("clip_l", 768), ("clip_g", 1280)])
+    stored = load_file(str(path))
+    assert set(stored) == {"clip_l", "clip_g"}
+    assert torch.equal(stored["clip_l"], vectors[:, :768]) and torch.equal(stored["clip_g"], vectors[:, 768:])
+    loaded, metadata = load_embedding(path)
+    assert torch.equal(loaded, vectors) and metadata["step"] == 7
+    foreign = tmp_path / "xl.safetensors"
+    save_file({"clip_g": torch.ones(2, 1280), "clip_l": torch.zeros(2, 768)}, str(foreign))
+    loaded, _ = load_embedding(foreign)
+    assert loaded.shape == (2, 2048) and loaded[:, :768].eq(0).all() and loaded[:, 768:].eq(1).all()
+
+
+def test_bad_sdxl_embeddings_are_refused(tmp_path):
     path = tmp_path / "xl.safetensors"
-    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(path))
-    with pytest.raises(ValueError, match="SDXL embeddings are not supported yet") as raised:
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, str(path))
+    with pytest.raises(ValueError, match="clip_l has 2 vectors but clip_g 3") as raised:
         load_embedding(path)
     assert str(path) in str(raised.value)
+    with pytest.raises(ValueError, match="add up to 2048"):
+        save_embedding(tmp_path / "w.safetensors", torch.zeros(1, 100), {}, [("clip_l", 768), ("clip_g", 1280)])
 
 
 @pytest.mark.parametrize(

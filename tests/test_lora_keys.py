@@ -117,7 +117,7 @@ def test_every_text_encoder_linear_has_a_unique_reversible_prefix(clip_l_modules
 
 def test_prefix_resolution_misses_and_ambiguity():
     assert module_path_for_prefix("lora_unet_nothing_here", ["down_blocks.0"]) is None
-    assert module_path_for_prefix("lora_te2_text_model_x", ["text_model.x"]) is None  # SDXL second encoder
+    assert module_path_for_prefix("lora_te3_text_model_x", ["text_model.x"]) is None  # no such part
     assert module_path_for_prefix("lora_unet_a_b", ["a.b", "a.b"]) == "a.b"
     with pytest.raises(ValueError, match="ambiguous"):
         module_path_for_prefix("lora_unet_a_b_c", ["a.b_c", "a_b.c"])
@@ -296,3 +296,55 @@ def test_mapping_matches_the_host_ldm_unet_tiny(ldm_unet_class):
     unet_class, transformer_class = ldm_unet_class
     ldm_unet = build_ldm_unet(unet_class, model_channels=32, num_heads=2, **TINY_LDM)
     assert_same_transformers(ldm_unet, transformer_class, build_tiny_diffusers_unet(), UnetLayout.from_ldm_config(**TINY_LDM))
+
+
+# --- SDXL: the diffusers U-Net against the host's own sgm U-Net --------------------------------------------------
+
+SDXL_DIFFUSERS = dict(
+    block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
+@pytest.fixture(scope="module")
+def sgm_unet_class():
+    webui = os.environ.get("SD_WEBUI_DIR")
+    if not webui:
+        pytest.skip("SD_WEBUI_DIR is not set: cannot check against the host's sgm UNetModel")
+    repository = Path(webui) / "repositories" / "generative-models"
+    sys.path.insert(0, str(repository))
+    try:
+        from sgm.modules.attention import SpatialTransformer
+        from sgm.modules.diffusionmodules.openaimodel import UNetModel
+    except ImportError as error:
+        pytest.skip(f"the host's sgm code does not import here: {error}")
+    finally:
+        sys.path.remove(str(repository))
+    return UNetModel, SpatialTransformer
+
+
+def test_sdxl_mapping_matches_the_host_sgm_unet(sgm_unet_class):
+    """kohya's SDXL files name the U-Net as sgm does: our diffusers paths translate onto exactly the host's
+    transformer modules of a full-size SDXL base U-Net (level 0 without attention, depths 2 and 10)."""
+    unet_class, transformer_class = sgm_unet_class
+    with torch.device("meta"):
+        sgm_unet = unet_class(
+            adm_in_channels=2816, num_classes="sequential", use_checkpoint=False, in_channels=4, out_channels=4,
+            model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=[1, 2, 4],
+            num_head_channels=64, use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
+            use_spatial_transformer=True, legacy=False,
+        )
+    diffusers_unet = build_diffusers_unet(**SDXL_DIFFUSERS)
+    assert round(sum(p.numel() for p in diffusers_unet.parameters()) / 1e6) == 2567  # the SDXL base U-Net
+    layout = UnetLayout.from_diffusers_config(diffusers_unet.config)
+    assert layout == UnetLayout.from_ldm_config([1, 2, 4], 2, [4, 2])
+    assert_same_transformers(sgm_unet, transformer_class, diffusers_unet, layout)
+    projections = [n for n in dict(diffusers_unet.named_modules()) if ATTENTION_PROJECTION.fullmatch(n)]
+    assert len(projections) == (2 * 2 + 2 * 10 + 10 + 3 * 2 + 3 * 10) * 2 * 4  # 70 transformer blocks
+    prefixes = {kohya_prefix("unet", diffusers_to_compvis_unet(p, layout)) for p in projections}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in prefixes
+    assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0" in prefixes
+    assert len(prefixes) == len(projections)

@@ -34,7 +34,8 @@ def small_config(images, **overrides) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def test_a_run_writes_the_pair_adapters_checkpoint_and_logs(binding, reference_image, tmp_path):
+def test_a_run_writes_the_pair_adapters_checkpoint_and_logs(family_binding, reference_image, tmp_path):
+    binding = family_binding
     layout = OutputLayout.under(tmp_path / "out")
     config = small_config([reference_image], steps=4, save_every=2)
     result = make_trainer(binding, config, layout).run()
@@ -45,6 +46,13 @@ def test_a_run_writes_the_pair_adapters_checkpoint_and_logs(binding, reference_i
     assert meta["step"] == 4 and meta["role"] == "positive" and meta["partner"] == "cube-neg"
     assert neg_meta["role"] == "negative" and neg_meta["partner"] == "cube"
     assert meta["hyperparameters"]["guidance"] == "3" and meta["sd_checkpoint"] == binding.model_info().hash
+    if binding.family == "sdxl":  # the host's (and kohya's) SDXL layout: one tensor per text encoder
+        from safetensors import safe_open
+
+        with safe_open(str(layout.embedding_path("cube")), "pt") as stored:
+            assert {k: stored.get_tensor(k).shape for k in stored.keys()} == {
+                "clip_l": (3, binding.encoders[0].dim), "clip_g": (3, binding.encoders[1].dim)}
+    assert meta["architecture"] == binding.family
     sites = {s.kohya_prefix(p) for s in binding.adapter_sites() for p in s.module_paths}
     for word in ("cube", "cube-neg"):
         layers, lora_meta = files.load_lora(layout.lora_path(word))
@@ -57,13 +65,16 @@ def test_a_run_writes_the_pair_adapters_checkpoint_and_logs(binding, reference_i
     assert layout.loss_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_loss_falls_when_overfitting_one_image(binding, reference_image, tmp_path):
+def test_loss_falls_when_overfitting_one_image(family_binding, reference_image, tmp_path):
     """Measured on a fixed evaluation set of (t, noise) draws the run never sees, before and after 100 steps.
 
     A random tiny model cannot fit much (its noise prediction is mostly unexplainable); a working loop still
-    lowers the held-out loss by about 20 %."""
+    lowers the held-out loss by about 20 % (SD 1.x, SDXL). The v-prediction model fits less in 100 steps (measured
+    9 % at this rate, 4 % at 1e-2): at low t its target is the unexplainable noise, at high t the clean latent."""
+    binding = family_binding
+    unet_lr, required = {"sd2": ("3e-3", 0.95)}.get(binding.family, ("1e-2", 0.9))
     config = small_config([reference_image], steps=100, reconstruction_weight=0.0, embedding_lr="0.05",
-                          unet_lr="1e-2", template="none", latent_sampling="deterministic", unet_rank=4, text_rank=0)
+                          unet_lr=unet_lr, template="none", latent_sampling="deterministic", unet_rank=4, text_rank=0)
     trainer = make_trainer(binding, config, OutputLayout.under(tmp_path / "out"))
     with torch.no_grad():
         mean, _ = binding.encode_pixels(trainer.prepared.images[0].pixels.unsqueeze(0))
@@ -93,10 +104,11 @@ def test_loss_falls_when_overfitting_one_image(binding, reference_image, tmp_pat
         after = evaluate(concept.words(), adapters)
     finally:
         adapters.detach()
-    assert after < 0.9 * before, (before, after)
+    assert after < required * before, (before, after)
 
 
-def test_resume_continues_bit_identically(binding, reference_image, tmp_path):
+def test_resume_continues_bit_identically(family_binding, reference_image, tmp_path):
+    binding = family_binding
     config = small_config([reference_image], steps=6, save_every=3, flip=True, latent_sampling="random",
                           tag_dropout=0.3, reconstruction_scale=0.5)
     straight = OutputLayout.under(tmp_path / "straight")
@@ -173,7 +185,8 @@ def test_non_finite_steps_are_skipped_and_stop_the_run(binding, reference_image,
         assert torch.isfinite(vectors).all()
 
 
-def test_every_micro_batch_reaches_the_unet(binding, reference_image, tmp_path):
+def test_every_micro_batch_reaches_the_unet(family_binding, reference_image, tmp_path):
+    binding = family_binding
     calls = []
     handle = binding.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
@@ -198,7 +211,8 @@ def test_previews_are_made_with_the_pair_in_place(binding, reference_image, tmp_
     assert all(p.exists() for _, paths in seen for p in paths) and len(seen[0][1]) == 2
 
 
-def test_the_model_comes_back_exactly_even_when_a_run_fails(binding, reference_image, tmp_path):
+def test_the_model_comes_back_exactly_even_when_a_run_fails(family_binding, reference_image, tmp_path):
+    binding = family_binding
     before = [state_fingerprint(r) for r in binding.trainable_roots()]
 
     def explode():
@@ -370,3 +384,20 @@ def test_a_name_in_another_script_with_spaces_trains(binding, reference_image, t
     result = make_trainer(binding, small_config([reference_image], name="猫の絵 v2", steps=1), layout).run()
     assert result.status == "finished"
     assert layout.embedding_path("猫の絵 v2").is_file() and layout.embedding_path("猫の絵 v2-neg").is_file()
+
+
+def test_a_batch_of_differently_shaped_buckets_trains(family_binding, tmp_path):
+    """Aspect-ratio buckets (as SDXL was trained): each image keeps its shape, a batch mixing shapes is evaluated
+    shape by shape, and the U-Net sees both shapes."""
+    binding = family_binding
+    wide = write_image(tmp_path / "images" / "wide.png", size=(128, 64))
+    tall = write_image(tmp_path / "images" / "tall.png", size=(64, 128), seed=1)
+    shapes = []
+    handle = binding.unet.register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape[-2:])))
+    try:
+        config = small_config([wide, tall], resize="bucket", batch_size=2, steps=2, width=48, height=48)
+        result = make_trainer(binding, config, OutputLayout.under(tmp_path / "out")).run()
+    finally:
+        handle.remove()
+    assert result.status == "finished"
+    assert {(4, 8), (8, 4)} <= set(shapes)  # 64x32 and 32x64 px buckets of the 48x48 area, in latents

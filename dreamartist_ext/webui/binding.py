@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .. import lora_keys
-from ..model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, DiffusionBinding, ModelInfo, UnsupportedModelError,
-                     linear_paths)
+from ..model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding, ModelInfo, TextEncoder,
+                     UnsupportedModelError, linear_paths)
 from . import host
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class WebuiBinding(DiffusionBinding):
         self.vae = sd_model.first_stage_model
         embedding_layer = self.text_model.get_input_embeddings()
         self.token_table: nn.Embedding = getattr(embedding_layer, "wrapped", embedding_layer)
-        self.token_dim = self.token_table.embedding_dim
+        self.encoders = (TextEncoder("clip_l", self.token_table.embedding_dim),)
         self.device = next(self.unet.parameters()).device
         self.dtype = next(self.unet.parameters()).dtype
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().to(self.device, torch.float32)
@@ -97,12 +97,12 @@ class WebuiBinding(DiffusionBinding):
             previous = self._replaced.pop(word, None)
             db.register_embedding_by_name(previous, self.sd_model, word)
 
-    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
+    def _encode(self, prompts: Sequence[str], image_size: tuple[int, int]) -> Conditioning:
         return self.clip(list(prompts))
 
     # -- U-Net and VAE ------------------------------------------------------------------------------------------
 
-    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, context: Conditioning) -> torch.Tensor:
         return self.sd_model.apply_model(latents.to(self.dtype), timesteps, context.to(self.dtype))
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -300,7 +300,7 @@ class JobManager:
         layout = host.host_layout(config.name)
         prepared = prepare_run(config, layout, resume=request.resume, overwrite=request.overwrite,
                                continue_existing=request.continue_existing, template_dirs=host.template_dirs(),
-                               size_multiple=binding.size_multiple)
+                               size_multiple=binding.size_multiple, native_size=binding.native_size)
         check_name_free(config.name, layout)
         preview = preview_settings(prepared.config, request.preview_from_txt2img, request.preview_sampler)
         host.sampler_and_scheduler(preview.sampler_name)
@@ -576,7 +576,7 @@ def create_pair(name: str, init_text: str = "*", positive_vectors: int = 3, nega
                                         negative_vectors=negative_vectors))
     with JOBS.exclusive(f"creating {name!r}"):
         binding = WebuiBinding(shared.sd_model)
-        config.validate(binding.size_multiple)
+        config = config.sized_for(binding.native_size).validate(binding.size_multiple)
         layout = host.host_layout(name)
         check_name_free(name, layout)
         written = create_pair_files(binding, config, layout, overwrite=overwrite)
