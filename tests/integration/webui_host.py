@@ -113,6 +113,26 @@ def prepare_host() -> HostSetup:
     return setup
 
 
+def prepare_families(setup: HostSetup) -> HostSetup:
+    """The tiny SDXL and SD 2.x-v checkpoints (build_tiny_families.py, cached like the SD1 one) and an HF cache
+    holding the local-tiny/* text-encoder repos they name (a copy of the given cache: it is not written to)."""
+    builder = HERE / "build_tiny_families.py"
+    spec = HERE / "tiny-families"
+    key = hashlib.sha256(builder.read_bytes() + b"".join(f.read_bytes() for f in sorted(spec.iterdir()))
+                         ).hexdigest()[:12]
+    root = setup.checkpoint_dir.parents[2] / f"families-{key}"
+    hf_home = root / "hf"
+    checkpoint_dir = root / "models" / "Stable-diffusion"
+    families = HostSetup(setup.webui, setup.python, hf_home, checkpoint_dir)
+    if not (checkpoint_dir / "tiny-sd2v.safetensors").exists():
+        source = next((setup.hf_home / "hub" / CLIP_REPO / "snapshots").glob("*/vocab.json")).parent
+        lay_out_tokenizer_cache(source, hf_home)
+        subprocess.run([str(setup.python), str(builder), str(root), "--webui", str(setup.webui),
+                        "--hf-home", str(hf_home)], check=True, env=families.env(), cwd=str(setup.webui),
+                       timeout=900)
+    return families
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,9 +232,16 @@ def tracebacks(log: str) -> list[str]:
     return ["\n".join(b) for b in blocks]
 
 
-def start_webui(setup: HostSetup, data_dir: Path, extra_args: list[str] = (), auth=None) -> WebUI:
-    """Start the host on a free port with this repository as an extension; returns once the model is loaded."""
+def start_webui(setup: HostSetup, data_dir: Path, extra_args: list[str] = (), auth=None, checkpoint: str = "tiny",
+                options: dict | None = None) -> WebUI:
+    """Start the host on a free port with this repository as an extension; returns once the model is loaded.
+    ``options`` go into the data dir's config.json before the start (e.g. ``live_previews_enable: False`` for
+    SDXL: its live preview downloads vaeapprox-sdxl.pt, and offline the generation then fails)."""
     (data_dir / "models").mkdir(parents=True, exist_ok=True)
+    if options:
+        config = data_dir / "config.json"
+        current = json.loads(config.read_text()) if config.exists() else {}
+        config.write_text(json.dumps({**current, **options}))
     models = data_dir / "models" / "Stable-diffusion"
     if not models.exists():
         models.symlink_to(setup.checkpoint_dir, target_is_directory=True)
@@ -225,7 +252,7 @@ def start_webui(setup: HostSetup, data_dir: Path, extra_args: list[str] = (), au
         str(setup.python), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
         "--skip-version-check", "--no-download-sd-model", "--use-cpu", "all", "--no-half", "--precision", "full",
         "--api", "--server-name", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
-        "--ckpt", str(models / "tiny.safetensors"), *extra_args,
+        "--ckpt", str(models / f"{checkpoint}.safetensors"), *extra_args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=str(setup.webui), env=setup.env(), stdout=log,
