@@ -1,13 +1,24 @@
-"""SDXL and SD 2.x-v on the real host: tiny checkpoints built with the host's own classes (build_tiny_families.py),
-one host start per family (module-scoped, parametrised)."""
+"""SDXL and SD 2.x-v on the real host (tiny checkpoints built with the host's own classes: build_tiny_families.py;
+one host start per family, module-scoped, parametrised): the host loads and generates; a pair with adapters trains
+through the API on the loaded model and is written where the host loads it (SDXL: one file per word holding
+clip_l and clip_g); the host's own Lora loader matches every key; at generation the pair is injected into both
+prompts and each CFG branch runs through its own adapter; a pair of another family is refused with a sentence."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
+from safetensors import safe_open
 
-from webui_host import prepare_families, start_webui, tracebacks
+from test_api import API, ended, wait_for_job
+from webui_host import HERE, png_b64, prepare_families, start_webui, tracebacks
 
-FAMILIES = {"tiny-sdxl": dict(size=128, is_sdxl=True), "tiny-sd2v": dict(size=64, is_sdxl=False)}
+FAMILIES = {
+    "tiny-sdxl": dict(size=128, is_sdxl=True, architecture="sdxl", shape=2048, keys={"clip_l": 768, "clip_g": 1280}),
+    "tiny-sd2v": dict(size=64, is_sdxl=False, architecture="sd2", shape=1024, keys={"emb_params": 1024}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +29,10 @@ def families_setup(host_setup):
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_host(request, families_setup, tmp_path_factory):
     name = request.param
-    host = start_webui(families_setup, tmp_path_factory.mktemp(name), checkpoint=name,
-                       options={"live_previews_enable": False})
+    data = tmp_path_factory.mktemp(name)
+    (data / "extensions").mkdir(parents=True)
+    (data / "extensions" / "dreamartist-probe").symlink_to(HERE / "probe", target_is_directory=True)
+    host = start_webui(families_setup, data, checkpoint=name, options={"live_previews_enable": False})
     host.family = name
     yield host
     host.stop()
@@ -34,6 +47,15 @@ def txt2img(host, **kw):
     return answer
 
 
+def probed_txt2img(host, **kw):
+    assert host.post("/probe/start", {})[0] == 200
+    try:
+        answer = txt2img(host, **kw)
+    finally:
+        record = host.post("/probe/stop")[1]
+    return answer, record
+
+
 def test_the_host_loads_the_family_and_generates(family_host):
     status, options = family_host.get("/sdapi/v1/options")
     assert status == 200
@@ -41,3 +63,74 @@ def test_the_host_loads_the_family_and_generates(family_host):
     answer = txt2img(family_host)
     assert len(answer["images"]) == 1
     assert tracebacks(family_host.log()) == [], family_host.log()
+
+
+def test_a_pair_with_adapters_trains_on_the_loaded_model_and_is_used(family_host):
+    host, facts = family_host, FAMILIES[family_host.family]
+    name = "da" + facts["architecture"]
+    size = facts["size"]
+    before = txt2img(host, prompt=f"a photo of {name}")["images"][0]
+    upload = {"data": png_b64((size, size), seed=5), "filename": "cube.png", "caption": "a red cube"}
+    options = {"width": size, "height": size, "steps": 3, "save_every": 0, "preview_every": 3,
+               "preview": {"prompt": "a photo of [name]", "steps": 2}, "unet_rank": 2, "text_rank": 2,
+               "reconstruction_weight": 1.0}
+    status, accepted = host.post(f"{API}/train", {"name": name, "images": [upload], "options": options})
+    assert status == 202, accepted
+    job = wait_for_job(host, accepted["job_id"], ended, timeout=900)
+    assert job["state"] == "finished" and job["error"] is None, job
+    assert job["model_restored"] is True and job["step"] == 3 and job["previews"], job
+
+    # files where the host loads them, in the family's layout, saying which family they are for
+    with safe_open(str(host.data_dir / "embeddings" / f"{name}.safetensors"), framework="pt") as handle:
+        assert {key: handle.get_slice(key).get_shape() for key in handle.keys()} == {
+            key: [3, width] for key, width in facts["keys"].items()}
+        assert handle.metadata()["architecture"] == facts["architecture"]
+    loaded = host.get("/sdapi/v1/embeddings")[1]["loaded"]
+    for word in (name, f"{name}-neg"):
+        assert loaded[word]["shape"] == facts["shape"] and loaded[word]["vectors"] == 3, loaded
+
+    # the host's own Lora loader finds a module for every layer of both adapters
+    for word in (name, f"{name}-neg"):
+        status, match = host.post("/probe/lora-keys", {"name": word})
+        assert status == 200 and match["matched"] == match["file_layers"] > 0, match
+
+    # generation: name-neg joins the negative prompt, the adapters act, each branch through its own adapter
+    answer, record = probed_txt2img(host, prompt=f"a photo of {name}")
+    info = json.loads(answer["info"])
+    assert f"{name}-neg" in info["negative_prompt"] and "DreamArtist" in info["infotexts"][0], info
+    assert answer["images"][0] != before
+    routed = [call for call in record["unet"] if call["routed"]]
+    assert routed, record["unet"]
+    # each row equals the rerun with its own branch's adapter and differs from the other's (three steps of
+    # training leave the adapters small: the branches differ by ~1e-5 here)
+    for call in routed:
+        assert set(call["roles"]) == {"cond", "uncond"}, call["roles"]
+        for role, row in zip(call["roles"], call["rows_detail"]):
+            own, other = ("d_pos", "d_neg") if role == "cond" else ("d_neg", "d_pos")
+            assert row[own] <= 1e-7 * max(row["scale"], 1.0) and row["pos_vs_neg"] > 0, (role, row)
+            assert row[other] > 0, (role, row)
+    texts = [call for call in record["text"] if call["routed"]]
+    assert {call["negative"] for call in texts} == {True, False}, texts
+    for call in texts:
+        own, other = ("d_neg", "d_pos") if call["negative"] else ("d_pos", "d_neg")
+        assert all(row[own] <= 1e-7 * max(row["scale"], 1.0) < row[other] for row in call["rows_detail"]), call
+    assert tracebacks(host.log()) == [], host.log()[-3000:]
+
+
+def test_a_pair_of_another_family_is_refused_with_a_sentence(family_host):
+    """Continuing a pair written for SD 1.x (768 wide, architecture sd1) on this model is refused before any
+    training, naming both families; nothing is written."""
+    from dreamartist_ext import files
+
+    host = family_host
+    name = "sd1pair"
+    for word in (name, f"{name}-neg"):
+        files.save_embedding(host.data_dir / "embeddings" / f"{word}.safetensors", torch.randn(3, 768) * 0.01,
+                             {"architecture": "sd1", "step": 5, "adapters": False})
+    size = FAMILIES[host.family]["size"]
+    status, body = host.post(f"{API}/train", {"name": name, "images": [{"data": png_b64((size, size)),
+                                                                       "filename": "x.png"}],
+                                              "options": {"width": size, "height": size, "steps": 2}})
+    assert status == 400, body
+    assert "was trained on an SD 1.x model and cannot be used with the loaded" in json.dumps(body), body
+    assert not list((host.data_dir / "dreamartist").glob(f"{name}/log/checkpoints/*"))
