@@ -221,7 +221,8 @@ class Clock:
 
 
 def run_case(case: Case, device: torch.device, work: Path, *, steps: int, warmup: int,
-             deadline: float = math.inf, at_warmup=None, tokenizers: dict[str, Path] | None = None) -> dict:
+             deadline: float = math.inf, at_warmup=None, after_build=None,
+             tokenizers: dict[str, Path] | None = None) -> dict:
     """Build the case's model, train ``steps`` steps through prepare_run + Trainer, return its figures."""
     from dreamartist_ext.outputs import OutputLayout
     from dreamartist_ext.preparation import prepare_run
@@ -236,6 +237,8 @@ def run_case(case: Case, device: torch.device, work: Path, *, steps: int, warmup
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     build_s = time.perf_counter() - built
+    if after_build is not None:
+        after_build()
     weights = torch.cuda.memory_allocated(device) if cuda else None
     images = write_images(work / f"images-{case.size}", case.size)
     config = train_config(case, images, steps)
@@ -291,6 +294,19 @@ def describe(figures: dict) -> str:
     return text
 
 
+def skip_plot_without_matplotlib() -> str | None:
+    """The trainer's final save draws the loss plot with matplotlib, which a bare GPU machine may lack (it is not
+    carried): draw nothing there, and say so in the report. Nothing else of the run changes."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from dreamartist_ext import trainer
+
+        trainer.plot_losses = lambda rows, png_path, **options: Path(png_path)
+        return "matplotlib is missing here: the loss plot of the final save was not drawn"
+    return None
+
+
 def machine() -> dict:
     import diffusers
     import peft
@@ -337,6 +353,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "out") \
         / "gpu_check.json"
     report = {"machine": machine(), "smoke": args.smoke, "steps": steps, "warmup": warmup, "cases": []}
+    note = skip_plot_without_matplotlib()
+    if note:
+        report["note"] = note
+        print(note, flush=True)
     print(f"machine: {json.dumps(report['machine'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="da-gpu-check-") as tmp:
         work = Path(tmp)
