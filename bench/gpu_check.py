@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -310,10 +311,12 @@ def skip_plot_without_matplotlib() -> str | None:
 def machine() -> dict:
     import diffusers
     import peft
+    import PIL
     import transformers
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "cpu_threads": torch.get_num_threads()}
+            "transformers": transformers.__version__, "peft": peft.__version__, "pillow": PIL.__version__,
+            "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory=props.total_memory, cuda=torch.version.cuda,
@@ -330,6 +333,10 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="case names")
     parser.add_argument("--threads", type=int, help="CPU threads (default 1 with --smoke: tiny ops on a shared "
                         "machine are many times slower with 2 threads spinning)")
+    parser.add_argument("--device", help="run the full-size cases on this device instead (e.g. cpu, to try the "
+                        "builders; with --size and --precision)")
+    parser.add_argument("--size", type=int, help="side length for every case instead of its own")
+    parser.add_argument("--precision", choices=list(PRECISIONS), help="precision for every case instead of its own")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop training (and skip cases) past this many seconds from the start")
     args = parser.parse_args(argv)
@@ -338,12 +345,20 @@ def main(argv=None) -> int:
     cases = SMOKE_CASES if args.smoke else GPU_CASES
     if args.only:
         cases = [c for c in cases if c.name in args.only]
+    if args.size or args.precision:
+        cases = [dataclasses.replace(c, size=args.size or c.size, precision=args.precision or c.precision,
+                                     name=f"{c.family}-{args.size or c.size}-{args.precision or c.precision}"
+                                          f"{'-ckpt' if c.checkpointing else ''}") for c in cases]
     steps = args.steps or (2 if args.smoke else 50)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     if args.threads or args.smoke:
         torch.set_num_threads(args.threads or 1)
-    if args.smoke:
-        device = torch.device("cpu")
+    if args.smoke or args.device:
+        device = torch.device(args.device or "cpu")
+        if device.type == "cpu":
+            # torch 2.1.2's CPU flash-attention kernel corrupts the heap in the bf16 backward of cross-attention
+            # (see bench/sdxl_cpu.py); the math kernel is used instead, as there
+            torch.backends.cuda.enable_flash_sdp(False)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
