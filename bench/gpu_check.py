@@ -198,6 +198,7 @@ class Clock:
         self.ends: list[float] = []
         self.losses: list[float] = []
         self.skipped = 0
+        self.skipped_at: list[int] = []
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -211,6 +212,8 @@ class Clock:
         self._sync()
         self.ends.append(time.perf_counter())
         self.losses.append(float(report.values.get("loss", float("nan"))))
+        if report.skipped > self.skipped:  # the update of this step was not made (non-finite loss or gradient)
+            self.skipped_at.append(len(self.ends))
         self.skipped = report.skipped
         if len(self.ends) == self.warmup and self.at_warmup is not None:
             self.at_warmup()
@@ -264,7 +267,9 @@ def run_case(case: Case, device: torch.device, work: Path, *, steps: int, warmup
         "s_per_step": statistics.median(timed) if timed else None,
         "step_times": [round(t, 4) for t in times],
         "losses": clock.losses,
-        "skipped_updates": clock.skipped,
+        "losses_finite": bool(clock.losses) and all(math.isfinite(v) for v in clock.losses),
+        "skipped_updates": clock.skipped,  # fp16: the loss scaler's overflowing first steps show up here
+        "skipped_at_steps": clock.skipped_at,
         "all_finite": bool(clock.losses) and all(math.isfinite(v) for v in clock.losses) and clock.skipped == 0,
     }
     if cuda:
@@ -288,8 +293,10 @@ def describe(figures: dict) -> str:
                  f"weights {figures['weights_vram'] / GIB:.2f} GiB)")
     if figures.get("peak_rss") is not None:
         text += f", peak RSS {figures['peak_rss'] / GIB:.2f} GiB"
-    text += (f", {figures['steps_done']}/{figures['steps_asked']} steps, "
-             f"{'every loss finite' if figures['all_finite'] else 'NON-FINITE loss or skipped update'}")
+    text += f", {figures['steps_done']}/{figures['steps_asked']} steps, "
+    text += "every loss finite" if figures["losses_finite"] else "NON-FINITE loss"
+    if figures["skipped_updates"]:
+        text += f", {figures['skipped_updates']} updates skipped (steps {figures['skipped_at_steps']})"
     if figures["status"] != "finished":
         text += f" [{figures['status']}]"
     return text
@@ -361,7 +368,6 @@ def main(argv=None) -> int:
             torch.backends.cuda.enable_flash_sdp(False)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
-        torch.backends.cuda.matmul.allow_tf32 = True
     else:
         print("no CUDA device: use --smoke on a CPU", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ def test_gpu_check_smoke_trains_both_families_with_finite_losses(tmp_path):
         assert "error" not in case, case
         assert case["status"] == "finished" and case["steps_done"] == 2, case
         assert len(case["losses"]) == 2 and all(math.isfinite(v) for v in case["losses"]), case
-        assert case["all_finite"] is True and case["skipped_updates"] == 0
+        assert case["losses_finite"] is True and case["all_finite"] is True and case["skipped_updates"] == 0
         assert case["precision"] == "fp32" and case["device"] == "cpu"
         assert case["unet_rank"] > 0 and case["text_rank"] > 0 and case["reconstruction"] > 0  # adapters on
         assert len(case["step_times"]) == 2 and case["s_per_step"] > 0
