@@ -371,8 +371,10 @@ def main(argv=None) -> int:
     else:
         print("no CUDA device: use --smoke on a CPU", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "out") \
-        / "gpu_check.json"
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = (Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "out") / "gpu_check.json"
     report = {"machine": machine(), "smoke": args.smoke, "steps": steps, "warmup": warmup, "cases": []}
     note = skip_plot_without_matplotlib()
     if note:

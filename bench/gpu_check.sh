@@ -96,5 +96,6 @@ shift || true
 case "$command" in
     download) download "$@" ;;
     run) run "$@" ;;
-    *) echo "usage: bash bench/gpu_check.sh download [PYTHON_VERSION ...] | run [gpu_check.py options ...]" >&2; exit 2 ;;
+    *) echo "usage: bash bench/gpu_check.sh download [PYTHON_VERSION ...] | run [gpu_check.py options]" >&2
+       exit 2 ;;
 esac
