@@ -121,11 +121,14 @@ def describe(r: dict) -> str:
 
 def predicted_peak(results: list[dict], variant: str, checkpointing: bool, size: int) -> float | None:
     """Peak at ``size`` from the same configuration at the two largest smaller sides: the part above the weights
-    grows by the same factor again per doubling (a conservative stand-in for pixels x attention growth)."""
+    grows by the same factor again per doubling (a stand-in for pixels x attention growth)."""
     done = sorted((r for r in results if r["variant"] == variant and r["checkpointing"] == checkpointing
                    and "error" not in r and r["size"] < size), key=lambda r: r["size"])
-    if len(done) < 2:
+    if not done:
         return None
+    if len(done) == 1:  # one smaller side only: the pixels' growth (a lower bound; attention grows faster)
+        large = done[0]
+        return large["rss_weights"] + (large["peak_rss"] - large["rss_weights"]) * (size / large["size"]) ** 2
     small, large = done[-2], done[-1]
     base = large["rss_weights"]
     growth = (large["peak_rss"] - base) / max(1.0, small["peak_rss"] - base)
@@ -144,6 +147,8 @@ def main() -> int:
     parser.add_argument("--cap-gb", type=float, default=12.0, help="resident memory a configuration may reach")
     parser.add_argument("--budget-s", type=float, default=3000.0, help="start no configuration past this")
     parser.add_argument("--out", help="JSON path (default bench/out/sdxl_cpu-<time>.json)")
+    parser.add_argument("--previous", nargs="*", default=[],
+                        help="reports of earlier runs: their figures feed the 1024 px estimate and the ratios")
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
@@ -153,8 +158,9 @@ def main() -> int:
     out = Path(args.out) if args.out else HERE / "out" / f"sdxl_cpu-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".log")
+    earlier = [r for path in args.previous for r in json.loads(Path(path).read_text())["results"]]
     results: list[dict] = []
-    report = {"started_utc": stamp, "threads": args.threads, "warmup": args.warmup, "timed": args.timed,
+    report = {"previous": args.previous, "started_utc": stamp, "threads": args.threads, "warmup": args.warmup, "timed": args.timed,
               "cap_gb": args.cap_gb, "results": results}
     with open(log_path, "a") as log:
         for size in sorted(args.sizes):
@@ -164,7 +170,7 @@ def main() -> int:
                             "size": size, "variant": variant, "checkpointing": checkpointing,
                             "threads": args.threads, "warmup": args.warmup, "timed": args.timed,
                             "cap_gb": args.cap_gb}
-                    estimate = predicted_peak(results, variant, checkpointing, size)
+                    estimate = predicted_peak(earlier + results, variant, checkpointing, size)
                     if time.time() - started > args.budget_s:
                         result = {**spec, "error": "skipped: over the time budget"}
                     elif size > 512 and (estimate is None or estimate > args.cap_gb * 1e9 * 0.95):
@@ -179,7 +185,7 @@ def main() -> int:
                     results.append(result)
                     print(describe(result), flush=True)
                     out.write_text(json.dumps(report, indent=1))
-    print_ratios(results)
+    print_ratios(earlier + results)
     report["total_s"] = round(time.time() - started)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
@@ -192,8 +198,9 @@ def print_ratios(results: list[dict]) -> None:
     for (size, variant, ckpt), r in sorted(ok.items()):
         other = ok.get((size, variant, not ckpt))
         if ckpt and other:
-            print(f"{size} px {LABELS[variant]}: checkpointing on/off time x{r['s_per_step'] / other['s_per_step']:.2f}"
-                  f", peak-above-weights x{(r['peak_rss'] - r['rss_weights']) / (other['peak_rss'] - other['rss_weights']):.2f}")
+            above = (r["peak_rss"] - r["rss_weights"]) / (other["peak_rss"] - other["rss_weights"])
+            print(f"{size} px {LABELS[variant]}: checkpointing on/off time "
+                  f"x{r['s_per_step'] / other['s_per_step']:.2f}, peak-above-weights x{above:.2f}")
     for small, large in zip(sizes, sizes[1:]):
         for (size, variant, ckpt), r in sorted(ok.items()):
             if size != large or (small, variant, ckpt) not in ok:
