@@ -141,6 +141,7 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timed", type=int, default=2)
@@ -164,7 +165,7 @@ def main() -> int:
               "cap_gb": args.cap_gb, "results": results}
     with open(log_path, "a") as log:
         for size in sorted(args.sizes):
-            for checkpointing in (True, False):
+            for checkpointing in [c == "on" for c in args.checkpointing]:
                 for variant in args.variants:
                     spec = {"name": f"sdxl-{size}-{variant}-{'ckpt' if checkpointing else 'nockpt'}",
                             "size": size, "variant": variant, "checkpointing": checkpointing,
