@@ -195,6 +195,7 @@ class Clock:
     def __init__(self, device: torch.device, warmup: int, at_warmup=None) -> None:
         self.device, self.warmup, self.at_warmup = device, warmup, at_warmup
         self.started = 0.0
+        self.cpu: list[float] = []  # this process's CPU seconds at the same points (all threads)
         self.ends: list[float] = []
         self.losses: list[float] = []
         self.skipped = 0
@@ -207,10 +208,12 @@ class Clock:
     def start(self) -> None:
         self._sync()
         self.started = time.perf_counter()
+        self.cpu = [time.process_time()]
 
     def on_step(self, report) -> None:
         self._sync()
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         self.losses.append(float(report.values.get("loss", float("nan"))))
         if report.skipped > self.skipped:  # the update of this step was not made (non-finite loss or gradient)
             self.skipped_at.append(len(self.ends))
@@ -266,6 +269,7 @@ def run_case(case: Case, device: torch.device, work: Path, *, steps: int, warmup
         "warmup": warmup,
         "s_per_step": statistics.median(timed) if timed else None,
         "step_times": [round(t, 4) for t in times],
+        "step_cpu_s": [round(b - a, 3) for a, b in zip(clock.cpu[:-1], clock.cpu[1:])],
         "losses": clock.losses,
         "losses_finite": bool(clock.losses) and all(math.isfinite(v) for v in clock.losses),
         "skipped_updates": clock.skipped,  # fp16: the loss scaler's overflowing first steps show up here
