@@ -14,6 +14,11 @@ with and without U-Net gradient checkpointing, at each side length asked. A 1024
 its peak, extrapolated from the same configuration at the two smaller sides, stays under ``--cap-gb`` (a process
 that passes the cap anyway stops itself). One line per figure, then the ratios; JSON into bench/out/.
 
+On a shared machine, read ``others_cores`` (cores other processes kept busy while the steps were timed) and
+``step_cpu_s`` (this process's CPU seconds per step) next to the wall-clock s/step: memory figures are not
+affected by neighbours, times are. torch 2.1.2's CPU flash-attention kernel is switched off here (its bf16
+cross-attention backward corrupts the heap).
+
     nice -n 10 python bench/sdxl_cpu.py [--sizes 256 512 1024] [--threads 2] [--timed 2] [--budget-s 3000]
 """
 
