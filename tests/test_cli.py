@@ -248,7 +248,7 @@ def test_help_comes_from_the_config_fields(tmp_path):
 
     train = cli("train", "--help", cwd=tmp_path, timeout=60).stdout
     assert "perceptual-random-trunk" not in train and "tests only" not in train
-    for flag, choices in (("--resize", "{crop,pad,stretch}"), ("--latent-sampling", "{once,deterministic,random}"),
+    for flag, choices in (("--resize", "{crop,pad,stretch,bucket}"), ("--latent-sampling", "{once,deterministic,random}"),
                           ("--clip-mode", "{none,value,norm}"), ("--precision", "{auto,fp32,bf16,fp16}")):
         assert f"{flag} {choices}" in train
     flat = " ".join(train.split())

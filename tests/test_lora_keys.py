@@ -221,23 +221,30 @@ def test_unsupported_compvis_paths_are_refused(path):
 # --- against the host's own ldm U-Net ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ldm_unet_class():
+def host_unet_classes(repository: str, package: str):
+    """(UNetModel, SpatialTransformer) of the host's ``package`` (ldm or sgm) in repositories/<repository>."""
+    import importlib
+
     webui = os.environ.get("SD_WEBUI_DIR")
     if not webui:
-        pytest.skip("SD_WEBUI_DIR is not set: cannot check against the host's ldm UNetModel")
-    repository = Path(webui) / "repositories" / "stable-diffusion-stability-ai"
-    if not (repository / "ldm").is_dir():
-        pytest.skip(f"{repository} has no ldm package: cannot check against the host's ldm UNetModel")
-    sys.path.insert(0, str(repository))
+        pytest.skip(f"SD_WEBUI_DIR is not set: cannot check against the host's {package} UNetModel")
+    root = Path(webui) / "repositories" / repository
+    if not (root / package).is_dir():
+        pytest.skip(f"{root} has no {package} package: cannot check against the host's {package} UNetModel")
+    sys.path.insert(0, str(root))
     try:
-        from ldm.modules.attention import SpatialTransformer
-        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+        attention = importlib.import_module(f"{package}.modules.attention")
+        openaimodel = importlib.import_module(f"{package}.modules.diffusionmodules.openaimodel")
     except ImportError as error:
-        pytest.skip(f"the host's ldm code does not import here: {error}")
+        pytest.skip(f"the host's {package} code does not import here: {error}")
     finally:
-        sys.path.remove(str(repository))
-    return UNetModel, SpatialTransformer
+        sys.path.remove(str(root))
+    return openaimodel.UNetModel, attention.SpatialTransformer
+
+
+@pytest.fixture(scope="module")
+def ldm_unet_class():
+    return host_unet_classes("stable-diffusion-stability-ai", "ldm")
 
 
 def build_ldm_unet(unet_class, *, model_channels, channel_mult, num_res_blocks, attention_resolutions, num_heads):
@@ -311,19 +318,7 @@ SDXL_DIFFUSERS = dict(
 
 @pytest.fixture(scope="module")
 def sgm_unet_class():
-    webui = os.environ.get("SD_WEBUI_DIR")
-    if not webui:
-        pytest.skip("SD_WEBUI_DIR is not set: cannot check against the host's sgm UNetModel")
-    repository = Path(webui) / "repositories" / "generative-models"
-    sys.path.insert(0, str(repository))
-    try:
-        from sgm.modules.attention import SpatialTransformer
-        from sgm.modules.diffusionmodules.openaimodel import UNetModel
-    except ImportError as error:
-        pytest.skip(f"the host's sgm code does not import here: {error}")
-    finally:
-        sys.path.remove(str(repository))
-    return UNetModel, SpatialTransformer
+    return host_unet_classes("generative-models", "sgm")
 
 
 def test_sdxl_mapping_matches_the_host_sgm_unet(sgm_unet_class):

@@ -497,8 +497,8 @@ def create_train_tab(params) -> None:
                     create_refresh_button(template, lambda: None, lambda: {"choices": template_choices()},
                                           _elem_id("template_refresh"))
         with FormRow():
-            form.slider("width", "Training width (0 = the model's native size)", 0, 2048, 8)
-            form.slider("height", "Training height (0 = the model's native size)", 0, 2048, 8)
+            form.slider("width", "Training width", 0, 2048, 8)
+            form.slider("height", "Training height", 0, 2048, 8)
             form.number("steps", "Training steps", integer=True, minimum=1)
 
         overwrite, create = _pair_section(form)

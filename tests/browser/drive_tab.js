@@ -1,7 +1,9 @@
 // Drives the DreamArtist tab of a running WebUI in headless Chromium; called by tests/integration/test_ui_browser.py.
 //
 //   node drive_tab.js '<json>'   with {url, image, outputDir, name, interruptName, pairName, userDataDir, chromium,
-//                                       steps, size, previewEvery, timeoutMs}
+//                                       steps, size, previewEvery, timeoutMs, onlyTrain, shotPrefix}
+//
+// onlyTrain: the training run alone (no reload, create, interrupt); shotPrefix names its screenshots.
 //
 // Prints one JSON line with what it saw (progress texts, statuses, gallery/plot, page errors); the Python
 // test makes the assertions. Screenshots: <outputDir>/dreamartist-{before,progress,after,reloaded}.png.
@@ -18,7 +20,7 @@ seen.progressTexts = [];
 const note = seen.note;
 
 async function shot(page, label, fullPage = true) {
-    const file = path.join(options.outputDir, `dreamartist-${label}.png`);
+    const file = path.join(options.outputDir, `${options.shotPrefix || 'dreamartist'}-${label}.png`);
     await page.screenshot({ path: file, fullPage });
     note(`screenshot ${file}`);
 }
@@ -258,5 +260,5 @@ drive(options, seen, async page => {
     await openTab(page);
     seen.initialValues = await page.evaluate(formValues);
     await train(page);
-    await reloadUi(page);
+    if (!options.onlyTrain) await reloadUi(page);
 });

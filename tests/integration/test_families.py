@@ -14,6 +14,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from test_api import API, ended, wait_for_job
+from browser_driver import MISSING, OUTPUT_DIR, run_driver
+from test_batch_script import TITLE as BATCH_TITLE
 from webui_host import HERE, png_b64, prepare_families, start_webui, tracebacks
 
 FAMILIES = {
@@ -135,6 +137,43 @@ def test_a_pair_of_another_family_is_refused_with_a_sentence(family_host):
     assert status == 400, body
     assert "was trained on an SD 1.x model and cannot be used with the loaded" in json.dumps(body), body
     assert not list((host.data_dir / "dreamartist").glob(f"{name}/log/checkpoints/*"))
+
+
+def test_the_batch_script_renders_the_trained_concept(family_host):
+    """The "DreamArtist batch" script on this family: every prompt x guidance image of the pair trained above."""
+    host = family_host
+    name = "da" + FAMILIES[host.family]["architecture"]
+    status, body = host.post("/sdapi/v1/txt2img", {
+        "prompt": "", "steps": 2, "width": FAMILIES[host.family]["size"], "height": FAMILIES[host.family]["size"],
+        "seed": 5, "sampler_name": "Euler", "script_name": BATCH_TITLE,
+        "script_args": [[name], "a photo of [name]", "3, 7"]})
+    assert status == 200, body
+    infotexts = json.loads(body["info"])["infotexts"]
+    assert len(body["images"]) >= 2 and all(f"{name}-neg" in text for text in infotexts[-2:]), infotexts
+    assert tracebacks(host.log()) == [], host.log()[-3000:]
+
+
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+def test_train_in_the_tab(family_host, tmp_path):
+    """Train > DreamArtist on this family in a real browser: the tab trains a pair with adapters and previews."""
+    from support import write_image
+
+    host = family_host
+    family = FAMILIES[host.family]
+    name = "datab" + family["architecture"]
+    seen = run_driver("drive_tab.js", {
+        "url": host.url, "image": str(write_image(tmp_path / "reference.png", size=(96, 96), seed=3)),
+        "name": name, "userDataDir": str(tmp_path / "chromium-profile"), "steps": 2, "size": family["size"],
+        "previewEvery": 2, "timeoutMs": 600_000, "onlyTrain": True, "shotPrefix": f"dreamartist-{host.family}",
+    })
+    assert seen["status"].startswith("Finished") and "step 2/2" in seen["status"], seen["status"]
+    assert seen["galleryImages"] == 1 and seen["lossPlotShown"], seen
+    for word in (name, f"{name}-neg"):
+        assert str(host.data_dir / "embeddings" / f"{word}.safetensors") in seen["files"], seen["files"]
+        assert (host.data_dir / "models" / "Lora" / "dreamartist" / f"{word}.safetensors").is_file()
+    assert seen["pageErrors"] == [], seen["pageErrors"]
+    assert (OUTPUT_DIR / f"dreamartist-{host.family}-after.png").stat().st_size > 10_000
+    assert tracebacks(host.log()) == [], host.log()[-3000:]
 
 
 # -- the Train tab on SDXL: its handler driven through gradio's HTTP API (what the button sends, no browser) -----
