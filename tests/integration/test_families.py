@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from test_api import API, ended, wait_for_job
@@ -173,3 +174,59 @@ def test_train_in_the_tab(family_host, tmp_path):
     assert seen["pageErrors"] == [], seen["pageErrors"]
     assert (OUTPUT_DIR / f"dreamartist-{host.family}-after.png").stat().st_size > 10_000
     assert tracebacks(host.log()) == [], host.log()[-3000:]
+
+
+# -- the Train tab on SDXL: its handler driven through gradio's HTTP API (what the button sends, no browser) -----
+
+
+def _gradio_call(host, elem_id: str, values: dict[str, object]) -> list:
+    """Call the event of the button ``elem_id`` with every input at the value the page opens with, except
+    ``values`` (by elem_id); returns the event's outputs. Also returns the opening values it used."""
+    status, config = host.get("/config")
+    assert status == 200, config
+    components = {c["id"]: c for c in config["components"]}
+    button = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
+
+    def targets(dependency):
+        return [t[0] if isinstance(t, (list, tuple)) else t for t in dependency.get("targets", [])]
+
+    index, dependency = next((i, d) for i, d in enumerate(config["dependencies"]) if button in targets(d)
+                             and d.get("trigger", "click") == "click")
+    data, opening = [], {}
+    for input_id in dependency["inputs"]:
+        props = components[input_id].get("props", {})
+        key = props.get("elem_id")
+        opening[key] = props.get("value")
+        data.append(values.get(key, props.get("value")))
+    status, answer = host.post("/run/predict", {"fn_index": index, "data": data, "session_hash": "dreamartist"})
+    assert status == 200, answer
+    return answer["data"], opening
+
+
+def test_the_train_tab_trains_on_sdxl_at_its_native_size(family_host, tmp_path):
+    if not FAMILIES[family_host.family]["is_sdxl"]:
+        pytest.skip("the Train tab on SDXL (SD 2.x goes through the same handler)")
+    from support import write_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "cube.png", size=(96, 96), seed=3)
+    name = "databxl"
+    outputs, opening = _gradio_call(family_host, "dreamartist_train", {
+        "dreamartist_name": name, "dreamartist_folder": str(folder), "dreamartist_steps": 1,
+        "dreamartist_preview_every": 0, "dreamartist_save_every": 0, "dreamartist_reconstruction_weight": 0,
+        "dreamartist_unet_rank": 1, "dreamartist_text_rank": 1, "dreamartist_preview_steps": 1})
+    assert opening["dreamartist_width"] == 0 and opening["dreamartist_height"] == 0, opening
+    assert opening["dreamartist_preview_width"] == 0, opening  # preview size 0 = the training size
+    status_html = outputs[-1]
+    assert "Finished" in status_html and "step 1/1" in status_html, status_html
+    with safe_open(str(family_host.data_dir / "embeddings" / f"{name}.safetensors"), framework="pt") as handle:
+        assert set(handle.keys()) == {"clip_l", "clip_g"}
+        assert handle.metadata()["architecture"] == "sdxl"
+    loaded = family_host.get("/sdapi/v1/embeddings")[1]["loaded"]
+    assert loaded[name]["shape"] == 2048, loaded
+    # the run's closing preview is made at the training size: SDXL's native 1024 x 1024
+    (preview,) = (family_host.data_dir / "dreamartist" / name / "previews").glob("*.png")
+    with Image.open(preview) as image:
+        assert image.size == (1024, 1024), image.size
+    assert tracebacks(family_host.log()) == [], family_host.log()[-3000:]
