@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))
 
 GIB = 2 ** 30
 
-# full-size architectures (random weights); the SDXL U-Net is tests/test_lora_keys.py SDXL_DIFFUSERS (2567 M
-# parameters, checked there against the host's sgm U-Net)
+# full-size architectures (random weights); tests/test_lora_keys.py checks SDXL_UNET (2567 M parameters) against
+# the host's own sgm U-Net
 SD15_UNET = dict(cross_attention_dim=768)  # UNet2DConditionModel's default config is SD 1.x's
 SDXL_UNET = dict(
     block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
 from dreamartist_ext.lora_keys import (
     SD15_LAYOUT,
     UnetLayout,
@@ -307,13 +309,8 @@ def test_mapping_matches_the_host_ldm_unet_tiny(ldm_unet_class):
 
 # --- SDXL: the diffusers U-Net against the host's own sgm U-Net --------------------------------------------------
 
-SDXL_DIFFUSERS = dict(
-    block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
+# bench/gpu_check.py builds its SDXL-size model from this same config
+from gpu_check import SDXL_UNET as SDXL_DIFFUSERS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

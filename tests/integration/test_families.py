@@ -19,8 +19,10 @@ from test_batch_script import TITLE as BATCH_TITLE
 from webui_host import HERE, png_b64, prepare_families, start_webui, tracebacks
 
 FAMILIES = {
-    "tiny-sdxl": dict(size=128, is_sdxl=True, architecture="sdxl", shape=2048, keys={"clip_l": 768, "clip_g": 1280}),
-    "tiny-sd2v": dict(size=64, is_sdxl=False, architecture="sd2", shape=1024, keys={"emb_params": 1024}),
+    "tiny-sdxl": dict(size=128, is_sdxl=True, architecture="sdxl", shape=2048, keys={"clip_l": 768, "clip_g": 1280},
+                      native=1024),
+    "tiny-sd2v": dict(size=64, is_sdxl=False, architecture="sd2", shape=1024, keys={"emb_params": 1024},
+                      native=768),
 }
 
 
@@ -176,7 +178,7 @@ def test_train_in_the_tab(family_host, tmp_path):
     assert tracebacks(host.log()) == [], host.log()[-3000:]
 
 
-# -- the Train tab on SDXL: its handler driven through gradio's HTTP API (what the button sends, no browser) -----
+# -- the Train tab's defaults: its handler driven through gradio's HTTP API (what the button sends, no browser) ---
 
 
 def _gradio_call(host, elem_id: str, values: dict[str, object]) -> list:
@@ -203,15 +205,16 @@ def _gradio_call(host, elem_id: str, values: dict[str, object]) -> list:
     return answer["data"], opening
 
 
-def test_the_train_tab_trains_on_sdxl_at_its_native_size(family_host, tmp_path):
-    if not FAMILIES[family_host.family]["is_sdxl"]:
-        pytest.skip("the Train tab on SDXL (SD 2.x goes through the same handler)")
+def test_the_train_tab_trains_at_the_models_native_size(family_host, tmp_path):
+    """The tab opens with training size 0, which trains at the loaded model's native size (SDXL 1024, SD 2.x-v
+    768)."""
     from support import write_image
 
+    family = FAMILIES[family_host.family]
     folder = tmp_path / "images"
     folder.mkdir()
     write_image(folder / "cube.png", size=(96, 96), seed=3)
-    name = "databxl"
+    name = "danative" + family["architecture"]
     outputs, opening = _gradio_call(family_host, "dreamartist_train", {
         "dreamartist_name": name, "dreamartist_folder": str(folder), "dreamartist_steps": 1,
         "dreamartist_preview_every": 0, "dreamartist_save_every": 0, "dreamartist_reconstruction_weight": 0,
@@ -221,12 +224,12 @@ def test_the_train_tab_trains_on_sdxl_at_its_native_size(family_host, tmp_path):
     status_html = outputs[-1]
     assert "Finished" in status_html and "step 1/1" in status_html, status_html
     with safe_open(str(family_host.data_dir / "embeddings" / f"{name}.safetensors"), framework="pt") as handle:
-        assert set(handle.keys()) == {"clip_l", "clip_g"}
-        assert handle.metadata()["architecture"] == "sdxl"
+        assert set(handle.keys()) == set(family["keys"])
+        assert handle.metadata()["architecture"] == family["architecture"]
     loaded = family_host.get("/sdapi/v1/embeddings")[1]["loaded"]
-    assert loaded[name]["shape"] == 2048, loaded
-    # the run's closing preview is made at the training size: SDXL's native 1024 x 1024
+    assert loaded[name]["shape"] == family["shape"], loaded
+    # the run's closing preview is made at the training size: the model's native size
     (preview,) = (family_host.data_dir / "dreamartist" / name / "previews").glob("*.png")
     with Image.open(preview) as image:
-        assert image.size == (1024, 1024), image.size
+        assert image.size == (family["native"], family["native"]), image.size
     assert tracebacks(family_host.log()) == [], family_host.log()[-3000:]
