@@ -110,8 +110,11 @@ def build_parser(prog: str = "dreamartist") -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=30, help="DDIM sampling steps")
     gen.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (CFG) scale")
     gen.add_argument("--seed", type=int, default=0, help="seed of the images: the same seed gives the same images")
-    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size: 512 SD 1.x, 768 SD 2.x-v, 1024 SDXL; --demo: 64)")
-    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size; --demo: 64)")
+    gen.add_argument("--width", type=int, default=None,
+                     help="image width in pixels (default: the model's native size: 512 SD 1.x, 768 SD 2.x-v, "
+                          "1024 SDXL; --demo: 64)")
+    gen.add_argument("--height", type=int, default=None,
+                     help="image height in pixels (default: the model's native size; --demo: 64)")
     gen.add_argument("--count", type=int, default=1, help="images to make")
     gen.add_argument("--out", default="generated", help="folder for the images (SEED-INDEX.png)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -20,8 +20,9 @@ from torch import nn
 
 from . import lora_keys
 from .errors import InvalidInput
-from .model import (OPEN_CLIP_TEXT_TARGETS, PREDICTION_TYPES, TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding,
-                    ModelInfo, TextEncoder, UnsupportedModelError, linear_paths)
+from .model import (OPEN_CLIP_TEXT_TARGETS, PREDICTION_TYPES, TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning,
+                    DiffusionBinding, ModelInfo, TextEncoder, TokenTable, UnsupportedModelError, linear_paths,
+                    native_size)
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +61,33 @@ class _Encoder:
 def native_size_of(model: str | Path, config: str | Path | None = None) -> int:
     """The family's side length read from the model's config files alone (before loading, so a run is validated
     at the size it will train at): 1024 SDXL, 768 SD 2.x-v, else 512. Unknown layouts give 512."""
-    folder = Path(model) if Path(model).is_dir() else (Path(config) if config and Path(config).is_dir() else None)
-    if folder is None:
-        if config is None or not Path(config).is_file():
-            return 512
-        text = Path(config).read_text(errors="replace")
-        if "DiffusionEngine" in text:
-            return 1024
-        return 768 if re.search(r"parameterization:\s*[\"']?v\b", text) else 512
+    source = Path(model) if Path(model).is_dir() else (Path(config) if config is not None else None)
+    if source is None or not source.exists():
+        return 512
+    return native_size(*_family_of_config(source))
 
-    def read(name: str) -> dict:
-        try:
-            return json.loads((folder / name).read_text())
-        except (OSError, ValueError):
-            return {}
 
-    if (folder / "text_encoder_2").is_dir() or "XL" in read("model_index.json").get("_class_name", ""):
-        return 1024
-    v_prediction = read("scheduler/scheduler_config.json").get("prediction_type") == "v_prediction"
-    open_clip = read("text_encoder/config.json").get("hidden_act") == "gelu"
-    return 768 if v_prediction and open_clip else 512
+def _family_of_config(config: Path) -> tuple[str, str]:
+    """(family, prediction type) a diffusers folder or an original LDM/sgm yaml describes, read without loading:
+    what :func:`_family_of` and the scheduler tell once the model is loaded."""
+    if config.is_dir():
+
+        def read(name: str) -> dict:
+            try:
+                return json.loads((config / name).read_text())
+            except (OSError, ValueError):
+                return {}
+
+        prediction = read("scheduler/scheduler_config.json").get("prediction_type", "epsilon")
+        if (config / "text_encoder_2").is_dir() or "XL" in read("model_index.json").get("_class_name", ""):
+            return "sdxl", prediction
+        return ("sd2" if read("text_encoder/config.json").get("hidden_act") == "gelu" else "sd1"), prediction
+    text = config.read_text(errors="replace")
+    v_prediction = bool(re.search(r"parameterization:\s*[\"']?v\b", text)) or "VScaling" in text
+    prediction = "v_prediction" if v_prediction else "epsilon"
+    if "sgm." in text and "DiffusionEngine" in text:
+        return "sdxl", prediction
+    return ("sd2" if "FrozenOpenCLIPEmbedder" in text else "sd1"), prediction
 
 
 class DiffusersBinding(DiffusionBinding):
@@ -131,12 +139,10 @@ class DiffusersBinding(DiffusionBinding):
             raise UnsupportedModelError(
                 f"the U-Net's cross-attention width ({unet.config.cross_attention_dim}) does not match the text "
                 f"encoders ({context})")
-        self.native_size = {"sd1": 512, "sd2": 768 if prediction_type == "v_prediction" else 512,
-                            "sdxl": 1024}[self.family]
+        self.native_size = native_size(self.family, prediction_type)
         self.latent_scale_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
         self.vae_downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_downscale * 2 ** (len(unet.config.block_out_channels) - 1)
-        self.unet_layout = lora_keys.UnetLayout.from_diffusers_config(unet.config)
         self._name, self._hash = name, model_hash
         self._words: dict[str, torch.Tensor] = {}
         self._word_pattern: re.Pattern | None = None
@@ -182,7 +188,8 @@ class DiffusersBinding(DiffusionBinding):
 
             config = Path(config)
             extra = {"config": str(config)} if config.is_dir() else {"original_config": str(config)}
-            pipeline = StableDiffusionXLPipeline if _names_sdxl(config) else StableDiffusionPipeline
+            sdxl = _family_of_config(config)[0] == "sdxl"
+            pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
             options = {} if pipeline is StableDiffusionXLPipeline else {"safety_checker": None}
             pipe = pipeline.from_single_file(str(path), torch_dtype=dtype, local_files_only=True, **options, **extra)
             parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
@@ -199,21 +206,9 @@ class DiffusersBinding(DiffusionBinding):
 
     # -- text ---------------------------------------------------------------------------------------------------
 
-    def token_vectors(self, text: str) -> torch.Tensor:
-        rows = []
-        for encoder in self.text_encoders:
-            ids = encoder.tokenizer(text, add_special_tokens=False).input_ids
-            rows.append(encoder.table.weight[ids].detach().float())
-        if len({r.shape[0] for r in rows}) != 1:
-            raise InvalidInput(f"the text encoders' tokenizers split {text!r} differently; use another init text")
-        return torch.cat(rows, dim=1)
-
-    def end_token_vector(self) -> torch.Tensor:
-        return torch.cat([e.table.weight[e.tokenizer.eos_token_id].detach().float() for e in self.text_encoders])
-
-    def embedding_table_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tables = [e.table.weight.detach().float() for e in self.text_encoders]
-        return torch.cat([t.mean(0) for t in tables]), torch.cat([t.std(0) for t in tables])
+    def _token_tables(self) -> list[TokenTable]:
+        return [TokenTable(e.table.weight, lambda text, t=e.tokenizer: t(text, add_special_tokens=False).input_ids,
+                           e.tokenizer.eos_token_id) for e in self.text_encoders]
 
     def _install_words(self, vectors: Mapping[str, torch.Tensor]) -> None:
         for word, tensor in vectors.items():
@@ -255,12 +250,9 @@ class DiffusersBinding(DiffusionBinding):
         return ids, slots
 
     def _encode(self, prompts: Sequence[str], image_size: tuple[int, int]) -> Conditioning:
-        contexts, pooled = [], None
-        for encoder in self.text_encoders:
-            hidden, pooled_here = self._run_encoder(encoder, prompts)
-            contexts.append(hidden)
-            pooled = pooled_here
-        context = torch.cat(contexts, dim=-1)
+        outputs = [self._run_encoder(encoder, prompts) for encoder in self.text_encoders]
+        context = torch.cat([hidden for hidden, _ in outputs], dim=-1)
+        pooled = outputs[-1][1]  # SDXL's pooled vector comes from its second encoder
         if self.family != "sdxl":
             return context
         # SDXL's micro-conditioning: original size, crop (top, left), target size; the same for both branches.
@@ -315,8 +307,8 @@ class DiffusersBinding(DiffusionBinding):
     def _predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if isinstance(cond, dict):
             added = {"text_embeds": cond["text_embeds"].to(self.dtype), "time_ids": cond["time_ids"].to(self.dtype)}
-            return self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond["crossattn"].to(self.dtype),
-                             added_cond_kwargs=added).sample
+            return self.unet(latents.to(self.dtype), timesteps,
+                             encoder_hidden_states=cond["crossattn"].to(self.dtype), added_cond_kwargs=added).sample
         return self.unet(latents.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +323,7 @@ class DiffusersBinding(DiffusionBinding):
     def adapter_sites(self) -> list[AdapterSite]:
         if self.family == "sdxl":
             # kohya's SDXL files name the U-Net in the original (sgm) naming and the encoders te1 / te2.
-            layout = self.unet_layout
+            layout = lora_keys.UnetLayout.from_diffusers_config(self.unet.config)
 
             def unet_prefix(path: str) -> str:
                 return lora_keys.kohya_prefix("unet", lora_keys.diffusers_to_compvis_unet(path, layout))
@@ -339,10 +331,10 @@ class DiffusersBinding(DiffusionBinding):
             encoders = nn.ModuleDict({"te1": self.text_encoder, "te2": self.text_encoder_2})
             # SDXL reads clip_l at its penultimate layer: the last layer never sees a gradient (clip_g's does,
             # through the pooled vector), so it gets no adapter.
-            unused = f"te1.text_model.encoder.layers.{self.text_encoder.config.num_hidden_layers - 1}."
-            paths = tuple(p for p in linear_paths(encoders["te1"], TEXT_TARGETS) if not p.startswith(unused[4:]))
-            paths = tuple(f"te1.{p}" for p in paths) + tuple(
-                f"te2.{p}" for p in linear_paths(encoders["te2"], OPEN_CLIP_TEXT_TARGETS))
+            unused = f"text_model.encoder.layers.{self.text_encoder.config.num_hidden_layers - 1}."
+            paths = tuple(f"te1.{p}" for p in linear_paths(self.text_encoder, TEXT_TARGETS)
+                          if not p.startswith(unused))
+            paths += tuple(f"te2.{p}" for p in linear_paths(self.text_encoder_2, OPEN_CLIP_TEXT_TARGETS))
             return [
                 AdapterSite("unet", self.unet, linear_paths(self.unet, UNET_TARGETS), unet_prefix),
                 AdapterSite("te", encoders, paths, lora_keys.sdxl_text_prefix),
@@ -351,7 +343,8 @@ class DiffusersBinding(DiffusionBinding):
             AdapterSite("unet", self.unet, linear_paths(self.unet, UNET_TARGETS),
                         lambda path: lora_keys.kohya_prefix("unet", path)),
             AdapterSite("te", self.text_encoder,
-                        linear_paths(self.text_encoder, TEXT_TARGETS if self.family == "sd1" else OPEN_CLIP_TEXT_TARGETS),
+                        linear_paths(self.text_encoder,
+                                     TEXT_TARGETS if self.family == "sd1" else OPEN_CLIP_TEXT_TARGETS),
                         lambda path: lora_keys.kohya_prefix("te", path)),
         ]
 
@@ -383,15 +376,6 @@ def _family_of(unet: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Modu
         raise UnsupportedModelError("this U-Net takes extra conditioning (an upscaler or unCLIP model?); "
                                     "DreamArtist trains SD 1.x, SD 2.x and SDXL text-to-image models")
     return "sd2" if getattr(text_encoder.config, "hidden_act", "quick_gelu") == "gelu" else "sd1"
-
-
-def _names_sdxl(config: Path) -> bool:
-    """Whether a single file's config (diffusers folder or original yaml) describes an SDXL model."""
-    if config.is_dir():
-        index = config / "model_index.json"
-        return index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", "")
-    text = config.read_text(errors="replace")
-    return "sgm." in text and "DiffusionEngine" in text
 
 
 def _file_fingerprint(path: Path) -> str:

@@ -193,14 +193,21 @@ def save_embedding(
     encoded = encode_metadata({**metadata, "format": EMBEDDING_FORMAT})
     if len(encoders) <= 1:
         return save_safetensors_atomic(target, {EMBEDDING_KEY: stored}, encoded)
-    if sum(width for _, width in encoders) != stored.shape[1]:
-        raise ValueError(f"embedding rows are {stored.shape[1]} wide; the encoders {list(encoders)} add up to "
-                         f"{sum(width for _, width in encoders)}")
-    tensors, offset = {}, 0
-    for key, width in encoders:
-        tensors[key] = stored[:, offset:offset + width].contiguous()
-        offset += width
+    tensors = {key: part.contiguous() for key, part in split_by_encoder(stored, encoders).items()}
     return save_safetensors_atomic(target, tensors, encoded)
+
+
+def split_by_encoder(vectors: torch.Tensor, encoders: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    """A learned word's rows [n, sum of widths] as one slice per text encoder, keyed as in embedding files
+    (views: gradients flow through them)."""
+    if sum(width for _, width in encoders) != vectors.shape[1]:
+        raise ValueError(f"embedding rows are {vectors.shape[1]} wide; the encoders {list(encoders)} add up to "
+                         f"{sum(width for _, width in encoders)}")
+    out, offset = {}, 0
+    for key, width in encoders:
+        out[key] = vectors[:, offset:offset + width]
+        offset += width
+    return out
 
 
 def load_embedding(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import PREDICTION_TYPES
+
 
 def guided_noise(eps_neg: torch.Tensor, eps_pos: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """eps_neg + g * (eps_pos - eps_neg) with one g per sample."""
@@ -52,8 +54,8 @@ def _per_sample(alpha_bar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unknown prediction type {prediction_type!r}: expected 'epsilon' or 'v_prediction'")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
 
 
 def prediction_target(

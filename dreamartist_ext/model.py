@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import torch
 import torch.utils.checkpoint
@@ -53,12 +54,28 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
-@dataclass(frozen=True)
-class TextEncoder:
-    """One text encoder of a model family: its key in embedding files and its token width."""
+class TextEncoder(NamedTuple):
+    """One text encoder of a model family: its key in embedding files and its token width (a (key, width) pair,
+    as files.save_embedding takes them)."""
 
     key: str  # "clip_l" (SD1, SDXL's first), "clip_h" (SD2), "clip_g" (SDXL's second)
     dim: int
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """One text encoder's token-embedding weights, its tokenizer (ids without start/end) and end token."""
+
+    weight: torch.Tensor  # [vocab, dim]
+    tokenize: Callable[[str], Sequence[int]]
+    end_id: int
+
+
+def native_size(family: str, prediction_type: str) -> int:
+    """The side length a family was trained at: SD 1.x and SD 2.x base 512, SD 2.x-v 768, SDXL 1024."""
+    if family == "sdxl":
+        return 1024
+    return 768 if family == "sd2" and prediction_type == "v_prediction" else 512
 
 
 # A prompt batch's conditioning: the cross-attention context [B, L, C], or (SDXL) a dict of batch-first tensors
@@ -151,16 +168,28 @@ class DiffusionBinding(abc.ABC):
     # -- text ---------------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def token_vectors(self, text: str) -> torch.Tensor:
-        """Token-embedding rows [k, token_dim] of the words in ``text`` (no start/end tokens), detached."""
+    def _token_tables(self) -> list[TokenTable]:
+        """Every text encoder's token table, in ``encoders`` order."""
 
-    @abc.abstractmethod
+    def token_vectors(self, text: str) -> torch.Tensor:
+        """Token-embedding rows [k, token_dim] of the words in ``text`` (no start/end tokens), detached: each
+        encoder's rows side by side."""
+        rows = []
+        for table in self._token_tables():
+            ids = torch.tensor(table.tokenize(text), dtype=torch.long, device=table.weight.device)
+            rows.append(table.weight[ids].detach().float())
+        if len({r.shape[0] for r in rows}) != 1:
+            raise InvalidInput(f"the text encoders' tokenizers split {text!r} differently; use another init text")
+        return torch.cat(rows, dim=1)
+
     def end_token_vector(self) -> torch.Tensor:
         """Token-embedding row [token_dim] of the end-of-text token: what the empty prompt is made of."""
+        return torch.cat([t.weight[t.end_id].detach().float() for t in self._token_tables()])
 
-    @abc.abstractmethod
     def embedding_table_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and std [token_dim] of the whole token-embedding table."""
+        """Per-dimension mean and std [token_dim] of the whole token-embedding tables."""
+        weights = [t.weight.detach().float() for t in self._token_tables()]
+        return torch.cat([w.mean(0) for w in weights]), torch.cat([w.std(0) for w in weights])
 
     @contextlib.contextmanager
     def learned_words(self, vectors: Mapping[str, torch.Tensor]) -> Iterator[None]:
@@ -191,13 +220,9 @@ class DiffusionBinding(abc.ABC):
         if len(prompts) != len(branches):
             raise ValueError(f"{len(prompts)} prompts but {len(branches)} branches")
         if self.one_branch_per_text_call and self.adapters is not None and len(set(branches)) > 1:
-            runs, start = [], 0
-            for i in range(1, len(branches) + 1):
-                if i == len(branches) or branches[i] != branches[start]:
-                    runs.append((start, i))
-                    start = i
-            return concat_conditioning([self.encode_prompts(prompts[a:b], branches[a:b], image_size)
-                                        for a, b in runs])
+            runs = [[i for i, _ in run] for _, run in itertools.groupby(enumerate(branches), key=lambda x: x[1])]
+            return concat_conditioning([self.encode_prompts([prompts[i] for i in run], [branches[i] for i in run],
+                                                            image_size) for run in runs])
         size = image_size or (self.native_size, self.native_size)
         with self._routed("te", branches):
             return self._encode(prompts, (int(size[0]), int(size[1])))

@@ -120,12 +120,11 @@ def save_pair(binding: DiffusionBinding, config: TrainConfig, layout: OutputLayo
     def meta(role: str) -> dict[str, Any]:
         return embedding_metadata(binding, config, role, step, adapters=adapters is not None)
 
-    encoders = [(encoder.key, encoder.dim) for encoder in binding.encoders]
     written = [files.save_embedding(layout.embedding_path(config.name), pair.positive.detach(), meta("positive"),
-                                    encoders)]
+                                    binding.encoders)]
     if pair.negative is not None:
         written.append(files.save_embedding(layout.embedding_path(negative_name(config.name)),
-                                            pair.negative.detach(), meta("negative"), encoders))
+                                            pair.negative.detach(), meta("negative"), binding.encoders))
     if adapters is not None:
         for branch, word, role in ((POS, config.name, "positive"), (NEG, negative_name(config.name), "negative")):
             layers = adapters.export(branch)

@@ -25,9 +25,9 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .. import lora_keys
-from ..model import (OPEN_CLIP_TEXT_TARGETS, TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding,
-                     ModelInfo, TextEncoder, UnsupportedModelError, linear_paths)
+from .. import files, lora_keys
+from ..model import (TEXT_TARGETS, UNET_TARGETS, AdapterSite, Conditioning, DiffusionBinding, ModelInfo, TextEncoder,
+                     TokenTable, UnsupportedModelError, linear_paths, native_size)
 from . import host
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,8 @@ def check_supported(sd_model) -> None:
 class _HostEncoder:
     """One of the host's hijacked text embedders, with what the engine reads from it."""
 
-    def __init__(self, embedder, info: TextEncoder, *, open_clip: bool) -> None:
+    def __init__(self, embedder, key: str, *, open_clip: bool) -> None:
         self.embedder = embedder  # tokenize() gives ids without start/end; id_end the end token
-        self.info = info
         self.open_clip = open_clip
         if open_clip:
             self.transformer: nn.Module = embedder.wrapped.model.transformer
@@ -79,20 +78,16 @@ class _HostEncoder:
             self.transformer = embedder.wrapped.transformer  # transformers CLIPTextModel
             layer = self.transformer.get_input_embeddings()
         self.table: nn.Embedding = getattr(layer, "wrapped", layer)  # under the host's EmbeddingsWithFixes
+        self.info = TextEncoder(key, self.table.embedding_dim)
 
-    def token_rows(self, text: str) -> torch.Tensor:
-        ids = self.embedder.tokenize([text])[0]
-        weight = self.table.weight
-        return weight[torch.tensor(ids, dtype=torch.long, device=weight.device)].detach().float()
-
-    def end_row(self) -> torch.Tensor:
-        return self.table.weight[self.embedder.id_end].detach().float()
+    def token_table(self) -> TokenTable:
+        return TokenTable(self.table.weight, lambda text: self.embedder.tokenize([text])[0], self.embedder.id_end)
 
     def adapter_paths(self, *, skip_last: bool) -> tuple[str, ...]:
         """Linear layers adapters may go on (relative to ``transformer``); ``skip_last`` drops the last layer,
         which a penultimate-layer encoder never runs."""
         if self.open_clip:
-            paths = [p for p in linear_paths(self.transformer, ("attn.out_proj", "mlp.c_fc", "mlp.c_proj"))
+            paths = [p for p in linear_paths(self.transformer, tuple(_OPEN_CLIP_TO_HF))
                      if _OPEN_CLIP_LAYER.fullmatch(p)]
             last = len(self.transformer.resblocks) - 1
             prefix = f"resblocks.{last}."
@@ -123,19 +118,16 @@ class WebuiBinding(DiffusionBinding):
         if self.family == "sdxl":
             embedders = {type(e.wrapped).__name__: e for e in sd_model.conditioner.embedders if hasattr(e, "wrapped")}
             clip_l, clip_g = embedders["FrozenCLIPEmbedder"], embedders["FrozenOpenCLIPEmbedder2"]
-            self.text_encoders = [_HostEncoder(clip_l, TextEncoder("clip_l", 0), open_clip=False),
-                                  _HostEncoder(clip_g, TextEncoder("clip_g", 0), open_clip=True)]
+            self.text_encoders = [_HostEncoder(clip_l, "clip_l", open_clip=False),
+                                  _HostEncoder(clip_g, "clip_g", open_clip=True)]
         else:
             self.text_encoders = [_HostEncoder(sd_model.cond_stage_model,
-                                               TextEncoder("clip_h" if self.family == "sd2" else "clip_l", 0),
+                                               "clip_h" if self.family == "sd2" else "clip_l",
                                                open_clip=self.family == "sd2")]
-        for encoder in self.text_encoders:
-            encoder.info = TextEncoder(encoder.info.key, encoder.table.embedding_dim)
         self.encoders = tuple(e.info for e in self.text_encoders)
         self.one_branch_per_text_call = any(e.open_clip for e in self.text_encoders)
         self.prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
-        self.native_size = {"sd1": 512, "sd2": 768 if self.prediction_type == "v_prediction" else 512,
-                            "sdxl": 1024}[self.family]
+        self.native_size = native_size(self.family, self.prediction_type)
         self.device = next(self.unet.parameters()).device
         self.dtype = next(self.unet.parameters()).dtype
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().to(self.device, torch.float32)
@@ -149,28 +141,14 @@ class WebuiBinding(DiffusionBinding):
 
     # -- text ---------------------------------------------------------------------------------------------------
 
-    def token_vectors(self, text: str) -> torch.Tensor:
-        rows = [e.token_rows(text) for e in self.text_encoders]
-        if len({r.shape[0] for r in rows}) != 1:
-            raise UnsupportedModelError(f"the text encoders split {text!r} differently; use another init text")
-        return torch.cat(rows, dim=1)
-
-    def end_token_vector(self) -> torch.Tensor:
-        return torch.cat([e.end_row() for e in self.text_encoders])
-
-    def embedding_table_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tables = [e.table.weight.detach().float() for e in self.text_encoders]
-        return torch.cat([t.mean(0) for t in tables]), torch.cat([t.std(0) for t in tables])
+    def _token_tables(self) -> list[TokenTable]:
+        return [e.token_table() for e in self.text_encoders]
 
     def host_vector(self, tensor: torch.Tensor):
         """A word's row as the host's Embedding holds it: the tensor, or SDXL's {'clip_l': .., 'clip_g': ..}."""
-        if len(self.text_encoders) == 1:
+        if len(self.encoders) == 1:
             return tensor
-        out, offset = {}, 0
-        for encoder in self.text_encoders:
-            out[encoder.info.key] = tensor[:, offset:offset + encoder.info.dim]
-            offset += encoder.info.dim
-        return out
+        return files.split_by_encoder(tensor, self.encoders)
 
     def _install_words(self, vectors: Mapping[str, torch.Tensor]) -> None:
         from modules.textual_inversion.textual_inversion import Embedding
