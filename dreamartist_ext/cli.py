@@ -1,6 +1,6 @@
 """Command line: ``dreamartist train|generate`` (or ``python -m dreamartist_ext``).
 
-    train --demo                       tiny random model + the shipped sample image, whole pipeline (~20 s)
+    train --demo                       the shipped toy world learns a new concept from one picture (1-2 min)
     train --model M --image I --name N --out DIR [options]
     generate --model M --concepts DIR --prompt "a photo of N on a beach" --out DIR
 
@@ -27,7 +27,7 @@ from .config import PreviewConfig, TrainConfig
 from .errors import InvalidInput
 
 DEMO_NAME = "dreamdemo"
-ASSETS = Path(__file__).parent / "assets"
+TOY_MODEL = Path(__file__).parent / "assets" / "toy" / "model"  # the toy world's pretrained model (see toy/)
 NOT_OPTIONS = {"name", "images", "preview"}  # given as --name/--image and the --preview-* flags
 DEMO_REFUSES = ("--image", "--name", "--model", "--config", "--options")
 PLAIN_PROGRESS_LINES = 100  # without a terminal: about this many progress lines per run
@@ -79,8 +79,9 @@ def build_parser(prog: str = "dreamartist") -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="learn a concept from one (or a few) images")
     train.add_argument("--demo", action="store_true",
-                       help="tiny random model + shipped sample image: the whole pipeline in ~20 s on 2 CPU cores "
-                            f"(takes none of {', '.join(DEMO_REFUSES)})")
+                       help="the shipped toy world learns a concept it never saw from one picture, beside plain "
+                            "textual inversion, and its judge grades both (1-2 min on 2 CPU cores; takes none of "
+                            f"{', '.join(DEMO_REFUSES)}; other flags apply)")
     train.add_argument("--model", help="diffusers folder, or a single-file .safetensors/.ckpt (then also --config)")
     train.add_argument("--config", help="for a single-file model: its LDM .yaml or a diffusers folder with configs")
     train.add_argument("--image", action="append", default=[], help="training image or folder (repeatable)")
@@ -100,10 +101,10 @@ def build_parser(prog: str = "dreamartist") -> argparse.ArgumentParser:
     gen.add_argument("--model", help="diffusers folder or single-file checkpoint, as for train (--demo: the demo's)")
     gen.add_argument("--config", help="for a single-file model: its LDM .yaml or a diffusers folder")
     gen.add_argument("--demo", action="store_true",
-                     help="use the demo's tiny model and concept (from --concepts, default demo-out)")
+                     help="use the toy world's model and the demo's concept (from --concepts, default demo-out)")
     gen.add_argument("--concepts", help="folder holding embeddings/ and lora/ (a train --out folder)")
-    gen.add_argument("--prompt", help="positive prompt; learned words in it are recognised (--demo: 'a picture of "
-                                      f"{DEMO_NAME}')")
+    gen.add_argument("--prompt", help="positive prompt; learned words in it are recognised (--demo: 'a "
+                                      f"{DEMO_NAME} on a navy background')")
     gen.add_argument("--negative", default="", help="negative prompt; NAME-neg is added for every learned NAME used")
     gen.add_argument("--no-auto-negative", action="store_true", help="do not add NAME-neg to the negative prompt")
     gen.add_argument("--adapter-weight", type=float, default=1.0, help="strength of the learned adapters")
@@ -171,15 +172,6 @@ def _config_from(args: argparse.Namespace, base: dict) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def _demo_options() -> dict:
-    return dict(
-        name=DEMO_NAME, images=[str(ASSETS / "sample.png")], width=64, height=64, steps=120,
-        init_text="cat", guidance="3", reconstruction_weight=1.0, unet_rank=4, text_rank=4,
-        embedding_lr="0.01", unet_lr="1e-3", text_lr="5e-4", save_every=60, preview_every=60,
-        preview=dict(prompt="a picture of [name]", steps=10, count=2),
-    )
-
-
 def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainConfig]:
     """(output folder, model path or None for the demo's tiny model, config); InvalidInput when something lacks."""
     if args.demo:
@@ -188,9 +180,11 @@ def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainCon
         if given:
             # The demo trains the shipped image on a random model: a user's own image or name there would give
             # meaningless results that look like a real run. Say so instead of silently ignoring them.
-            raise InvalidInput(f"--demo trains the shipped sample image as {DEMO_NAME!r} on a tiny random model and "
-                               f"takes no {', '.join(given)}; drop --demo to train your own images with --model")
-        return Path(args.out or "demo-out"), None, _config_from(args, _demo_options())
+            raise InvalidInput(f"--demo teaches the toy world its own picture as {DEMO_NAME!r} and takes no "
+                               f"{', '.join(given)}; drop --demo to train your own images with --model")
+        from .toy import demo
+
+        return Path(args.out or "demo-out"), None, _config_from(args, demo.dreamartist_options(demo.REFERENCE_FILE))
     base = _read_options_file(args.options) if args.options else {}
     missing = [flag for flag, value in (("--model", args.model), ("--name", args.name or base.get("name")),
                                         ("--image", args.image or base.get("images")), ("--out", args.out))
@@ -201,6 +195,7 @@ def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainCon
 
     check_model_files(args.model, args.config)
     return Path(args.out), Path(args.model), _config_from(args, base)
+
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -214,25 +209,26 @@ def run_train(args: argparse.Namespace, prog: str) -> int:
     out, model_path, config = _train_inputs(args)
     device = _device(args.device)
     layout = OutputLayout.under(out)  # prepare_run checks its folders (under out) can be written
-    native = native_size_of(model_path, args.config) if model_path else 512
+    native = native_size_of(model_path or TOY_MODEL, args.config)
     prepared = prepare_run(config, layout, resume=args.resume, overwrite=args.overwrite or args.demo,
                            continue_existing=args.continue_existing, native_size=native)
-    if args.demo:
-        print("DreamArtist demo: a TINY RANDOM model (no download) learns the shipped sample image.\n"
-              "A random model knows nothing, so its pictures are meaningless noise: this run shows the pipeline\n"
-              "working end to end (files, adapters, previews, loss plot). For real results point --model at a\n"
-              "Stable Diffusion 1.x checkpoint (diffusers folder, or .safetensors with --config v1-inference.yaml),\n"
-              "or use the DreamArtist tab inside the WebUI.\n")
-    return _train(args, prog, prepared, model_path or _demo_model(out), device, out)
+    if not args.demo:
+        return _train(args, prog, prepared, model_path, device, out)
+    from .toy import demo
 
-
-def _demo_model(out: Path) -> Path:
-    from .tiny import save_tiny_model
-
-    folder = out / "tiny-model"
-    if not (folder / "model_index.json").exists():
-        save_tiny_model(folder)
-    return folder
+    baseline = prepare_run(demo.plain_ti(config), OutputLayout.under(out / "plain-ti"), overwrite=True,
+                           native_size=native)
+    print(demo.INTRO.format(reference=config.images[0]))
+    for label, run, folder in (("DreamArtist", prepared, out), ("plain textual inversion", baseline, out / "plain-ti")):
+        print(f"== {label} ==")
+        status = _train(args, prog, run, TOY_MODEL, device, folder)
+        if status:
+            return status
+    demo.report(TOY_MODEL, [("DreamArtist", out, True), ("plain TI", out / "plain-ti", False)],
+                Path(config.images[0]), device)
+    print(f"\nnext: {prog} generate --demo --concepts {shlex.quote(str(out))} --prompt "
+          f"'a {DEMO_NAME} on a black background' --out {shlex.quote(str(out / 'generated'))}")
+    return 0
 
 
 def _train(args: argparse.Namespace, prog: str, prepared, model_path: Path, device: torch.device, out: Path) -> int:
@@ -264,9 +260,6 @@ def _train(args: argparse.Namespace, prog: str, prepared, model_path: Path, devi
     if result.status == "interrupted" and result.checkpoints:
         print(f"\nto continue from step {result.step}:\n  {_resume_command(prog, result.checkpoints[-1])}")
         return INTERRUPTED
-    if args.demo:
-        print(f"\nnext: {prog} generate --demo --concepts {shlex.quote(str(out))} "
-              f"--out {shlex.quote(str(out / 'generated'))}")
     return 0 if result.status == "finished" else 1
 
 
@@ -356,18 +349,17 @@ def _previewer(binding, config: TrainConfig):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .adapters import BranchAdapters
-    from .concepts import composed_adapters, list_concepts, load_concept, words_of
+    from .concepts import list_concepts, load_concept
     from .diffusers_binding import DiffusersBinding, check_model_files
     from .model import check_family
     from .outputs import OutputLayout, check_writable_folder
     from .prompt_words import complete_negative, find_learned_names
-    from .sampling import SampleRequest, generate
+    from .sampling import SampleRequest, generate_with_concepts
 
     if args.demo:
         root = Path(args.concepts or "demo-out")
-        model_path, concepts_root = Path(args.model) if args.model else root / "tiny-model", root
-        prompt = args.prompt or f"a picture of {DEMO_NAME}"
+        model_path, concepts_root = Path(args.model) if args.model else TOY_MODEL, root
+        prompt = args.prompt or f"a {DEMO_NAME} on a navy background"
         width, height = args.width or 64, args.height or 64
     else:
         if not (args.model and args.concepts and args.prompt):
@@ -399,17 +391,9 @@ def run_generate(args: argparse.Namespace) -> int:
     width, height = width or binding.native_size, height or binding.native_size
     if width % binding.size_multiple or height % binding.size_multiple:
         raise InvalidInput(f"image size {width}x{height} must be a multiple of {binding.size_multiple} for this model")
-    layers = composed_adapters(concepts, {c.name: args.adapter_weight for c in concepts})
-    adapters = BranchAdapters.from_layers(binding.adapter_sites(), layers) if layers else None
-    binding.adapters = adapters
-    try:
-        with binding.learned_words(words_of(concepts)):
-            images = generate(binding, SampleRequest(prompt, negative, steps=args.steps, guidance=args.guidance,
-                                                     seed=args.seed, width=width, height=height, count=args.count))
-    finally:
-        binding.adapters = None
-        if adapters is not None:
-            adapters.detach()
+    images = generate_with_concepts(binding, concepts, SampleRequest(
+        prompt, negative, steps=args.steps, guidance=args.guidance, seed=args.seed, width=width, height=height,
+        count=args.count), args.adapter_weight)
     from . import files
 
     out.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,25 @@ def generate(binding: DiffusionBinding, request: SampleRequest) -> list[Image.Im
     return [to_pil(p) for p in pixels]
 
 
+def generate_with_concepts(binding: DiffusionBinding, concepts, request: SampleRequest,
+                           adapter_weight: float = 1.0) -> list[Image.Image]:
+    """:func:`generate` with learned concepts loaded: their words usable in the prompts, their adapters (scaled
+    by ``adapter_weight``) routed per branch; the model is left as it was."""
+    from .adapters import BranchAdapters
+    from .concepts import composed_adapters, words_of
+
+    layers = composed_adapters(concepts, {c.name: adapter_weight for c in concepts})
+    adapters = BranchAdapters.from_layers(binding.adapter_sites(), layers) if layers else None
+    binding.adapters = adapters
+    try:
+        with binding.learned_words(words_of(concepts)):
+            return generate(binding, request)
+    finally:
+        binding.adapters = None
+        if adapters is not None:
+            adapters.detach()
+
+
 def to_pil(pixels: torch.Tensor) -> Image.Image:
     """[3, H, W] in [-1, 1] -> RGB image."""
     array = ((pixels.detach().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)

@@ -39,23 +39,51 @@ def _byte_alphabet() -> list[str]:
 MERGES = (("t", "h"), ("th", "e</w>"), ("a", "r"), ("i", "n"), ("o", "f</w>"), ("o", "n</w>"))
 
 
-def vocabulary() -> list[str]:
-    """Every byte (alone and word-final), a few common merges, then the start and end tokens."""
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """``word`` split by byte-pair merges of the given ranks, as CLIP's tokenizer splits it."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def merges_for(words: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
+    """:data:`MERGES`, then merges that make each of ``words`` a single token (lower-case ASCII words)."""
+    merges = list(MERGES)
+    for word in words:
+        ranks = {pair: i for i, pair in enumerate(merges)}
+        parts = _bpe(word, ranks)
+        while len(parts) > 1:  # later merges rank lower, so words merged before keep their own splits
+            merges.append((parts[0], parts[1]))
+            parts[:2] = [parts[0] + parts[1]]
+    return tuple(merges)
+
+
+def vocabulary(words: tuple[str, ...] = ()) -> list[str]:
+    """Every byte (alone and word-final), the merges' tokens (``words`` whole among them), then the start and
+    end tokens."""
     alphabet = _byte_alphabet()
-    return alphabet + [c + "</w>" for c in alphabet] + ["".join(pair) for pair in MERGES] + [START, END]
+    merged = list(dict.fromkeys("".join(pair) for pair in merges_for(words)))
+    return alphabet + [c + "</w>" for c in alphabet] + merged + [START, END]
 
 
-def write_tokenizer(folder: Path, pad_token: str = END) -> Path:
-    """Files of a CLIP tokenizer over :func:`vocabulary` (SDXL's second tokenizer pads with "!")."""
+def write_tokenizer(folder: Path, pad_token: str = END, words: tuple[str, ...] = (),
+                    max_length: int = 77) -> Path:
+    """Files of a CLIP tokenizer over :func:`vocabulary` (SDXL's second tokenizer pads with "!"); ``words``
+    become single tokens."""
     folder.mkdir(parents=True, exist_ok=True)
-    tokens, merges = vocabulary(), MERGES
+    tokens, merges = vocabulary(words), merges_for(words)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": START, "eos_token": END, "unk_token": END, "pad_token": pad_token})
     )
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 77, "bos_token": START, "eos_token": END, "unk_token": END,
+        json.dumps({"model_max_length": max_length, "bos_token": START, "eos_token": END, "unk_token": END,
                     "pad_token": pad_token, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"})
     )
     return folder

@@ -29,8 +29,11 @@ def test_demo_trains_and_generates(tmp_path):
     run = cli("train", "--demo", "--out", str(out), "--steps", "4", "--save-every", "2", "--preview-every", "2",
               cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "TINY RANDOM model" in run.stdout and "meaningless" in run.stdout
-    assert "finished: trained dreamdemo for 4 steps" in run.stdout
+    assert "toy world" in run.stdout and "never seen a purple star" in run.stdout
+    assert run.stdout.count("finished: trained dreamdemo for 4 steps") == 2  # DreamArtist, then plain TI
+    assert "the judge's verdict" in run.stdout and (out / "demo.png").is_file()
+    assert (out / "plain-ti/embeddings/dreamdemo.safetensors").is_file()
+    assert not (out / "plain-ti/embeddings/dreamdemo-neg.safetensors").exists()
     for path in ("embeddings/dreamdemo.safetensors", "embeddings/dreamdemo-neg.safetensors",
                  "lora/dreamdemo.safetensors", "lora/dreamdemo-neg.safetensors", "log/loss.png", "log/loss.csv"):
         assert (out / path).is_file(), path
@@ -124,7 +127,7 @@ def test_demo_refuses_an_image_or_a_name(tmp_path):
     empty.write_bytes(b"")
     for flags in (["--image", str(empty)], ["--name", "mine"], ["--image", str(empty), "--name", "mine"]):
         run = cli("train", "--demo", "--out", str(tmp_path / "out"), *flags, cwd=tmp_path, timeout=120)
-        assert run.returncode == 2 and "--demo trains the shipped sample image" in run.stderr, run.stderr
+        assert run.returncode == 2 and "--demo teaches the toy world its own picture" in run.stderr, run.stderr
         assert all(flag in run.stderr for flag in flags if flag.startswith("--"))
         assert not (tmp_path / "out").exists()
 
@@ -206,7 +209,8 @@ def test_progress_without_a_terminal_is_one_line_per_step(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "\r" not in run.stderr
     lines = [line for line in run.stderr.splitlines() if line.startswith("step ")]
-    assert [line.split(" · ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
+    # the demo trains twice: DreamArtist, then plain textual inversion
+    assert [line.split(" · ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"] * 2
     assert all("loss " in line and "lr " in line for line in lines)
 
 
