@@ -12,7 +12,8 @@ concept (4 on each of 4 other backgrounds) are graded by the toy world's judge:
     python bench/fidelity.py --quick        # one concept, one seed, 30 steps: seconds, for trying the script
     python bench/fidelity.py --report-only  # table, plot and comparison from the results so far
 
-Writes docs/fidelity.jsonl (one line per run), docs/fidelity.md (table) and docs/fidelity.png (plot).
+Writes docs/fidelity.jsonl (one line per run), docs/fidelity-table.md (mean ± sd) and docs/fidelity.png (plot);
+docs/fidelity.md compares them with the paper, claim by claim.
 """
 
 from __future__ import annotations
