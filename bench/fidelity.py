@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 from dreamartist_ext.config import TrainConfig  # noqa: E402
 from dreamartist_ext.toy import JUDGE_FILE, MODEL_DIR  # noqa: E402
-from dreamartist_ext.toy.demo import NAME, dreamartist_options, plain_ti  # noqa: E402
-from dreamartist_ext.toy.world import HELD_OUT, Scene, render  # noqa: E402
+from dreamartist_ext.toy.demo import NAME, dreamartist_options, plain_ti, write_reference  # noqa: E402
+from dreamartist_ext.toy.world import HELD_OUT, Scene  # noqa: E402
 
 DOCS = HERE.parent / "docs"
 METRICS = ("concept_kept", "context_followed", "feature_distance", "colour_error", "diversity")
@@ -50,16 +50,6 @@ def methods() -> dict[str, dict]:
     return table
 
 
-def _reference(concept: tuple[str, str], folder: Path) -> Path:
-    from dreamartist_ext.files import atomic_write
-
-    folder.mkdir(parents=True, exist_ok=True)
-    scene = Scene(concept[0], concept[1], "gray", radius=0.27)
-    path = atomic_write(folder / "reference.png", lambda tmp: render(scene).save(tmp, "PNG"))
-    (folder / "reference.txt").write_text("on a gray background\n")
-    return path
-
-
 def run_one(method: str, changes: dict, concept: tuple[str, str], seed: int, steps: int, work: Path,
             samples_per_context: int) -> dict:
     from PIL import Image
@@ -73,7 +63,7 @@ def run_one(method: str, changes: dict, concept: tuple[str, str], seed: int, ste
     from dreamartist_ext.trainer import Trainer
 
     folder = work / f"{concept[1]}-{concept[0]}" / method.replace(" ", "_").replace("=", "") / f"seed{seed}"
-    reference = _reference(concept, folder / "reference")
+    reference = write_reference(folder / "reference", Scene(concept[0], concept[1], "gray", radius=0.27))
     options = dreamartist_options(reference)
     options.update({k: v for k, v in changes.items() if k != "plain_ti"}, steps=steps, seed=seed, preview_every=0)
     config = TrainConfig.from_dict(options)

@@ -22,12 +22,12 @@ from typing import Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, toy
 from .config import PreviewConfig, TrainConfig
 from .errors import InvalidInput
 
 DEMO_NAME = "dreamdemo"
-TOY_MODEL = Path(__file__).parent / "assets" / "toy" / "model"  # the toy world's pretrained model (see toy/)
+TOY_MODEL = toy.MODEL_DIR  # the toy world's pretrained model, which --demo uses
 NOT_OPTIONS = {"name", "images", "preview"}  # given as --name/--image and the --preview-* flags
 DEMO_REFUSES = ("--image", "--name", "--model", "--config", "--options")
 PLAIN_PROGRESS_LINES = 100  # without a terminal: about this many progress lines per run
@@ -173,13 +173,13 @@ def _config_from(args: argparse.Namespace, base: dict) -> TrainConfig:
 
 
 def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainConfig]:
-    """(output folder, model path or None for the demo's tiny model, config); InvalidInput when something lacks."""
+    """(output folder, model path or None for the toy world's model, config); InvalidInput when something lacks."""
     if args.demo:
         given = [flag for flag, value in (("--image", args.image), ("--name", args.name), ("--model", args.model),
                                           ("--config", args.config), ("--options", args.options)) if value]
         if given:
-            # The demo trains the shipped image on a random model: a user's own image or name there would give
-            # meaningless results that look like a real run. Say so instead of silently ignoring them.
+            # The demo teaches the toy world its own picture: a user's image or name there would give results
+            # that look like a real run of theirs. Say so instead of silently ignoring them.
             raise InvalidInput(f"--demo teaches the toy world its own picture as {DEMO_NAME!r} and takes no "
                                f"{', '.join(given)}; drop --demo to train your own images with --model")
         from .toy import demo
@@ -195,7 +195,6 @@ def _train_inputs(args: argparse.Namespace) -> tuple[Path, Path | None, TrainCon
 
     check_model_files(args.model, args.config)
     return Path(args.out), Path(args.model), _config_from(args, base)
-
 
 
 # -- training ------------------------------------------------------------------------------------------------
