@@ -117,6 +117,9 @@ class DiffusersBinding(DiffusionBinding):
             raise UnsupportedModelError(f"the scheduler's prediction type {prediction_type!r} is not supported "
                                         f"(expected one of {', '.join(PREDICTION_TYPES)})")
         self.prediction_type = prediction_type
+        if self.zero_terminal_snr and prediction_type == "epsilon":
+            raise UnsupportedModelError("the scheduler reaches zero terminal SNR, where an epsilon model cannot "
+                                        "say what the image is; such schedules need v-prediction")
         self.family = _family_of(unet, text_encoder, text_encoder_2)
         if self.family == "sdxl":
             specs = [(text_encoder, tokenizer, "clip_l"), (text_encoder_2, tokenizer_2, "clip_g")]

@@ -161,6 +161,12 @@ class DiffusionBinding(abc.ABC):
         return int(self.alphas_cumprod.shape[0])
 
     @property
+    def zero_terminal_snr(self) -> bool:
+        """The last timestep is pure noise (a schedule rescaled to zero terminal SNR, as v-prediction finetunes
+        such as NoobAI's use): sampling must start there, and only a v model can predict from it."""
+        return float(self.alphas_cumprod[-1]) < 1e-8
+
+    @property
     def token_dim(self) -> int:
         """Width of a learned word's row: the encoders' widths added up."""
         return sum(encoder.dim for encoder in self.encoders)

@@ -30,10 +30,15 @@ class SampleRequest:
     count: int = 1
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """Evenly spaced training timesteps, high to low ("leading" spacing, as SD 1.x inference uses)."""
+def ddim_timesteps(num_timesteps: int, steps: int, trailing: bool = False) -> list[int]:
+    """Evenly spaced training timesteps, high to low: "leading" spacing as SD 1.x inference uses (from 0 up),
+    or "trailing" (from the last timestep down), which a zero-terminal-SNR model needs to start at pure noise."""
+    if steps >= num_timesteps:
+        return list(range(num_timesteps))[::-1]
+    if trailing:
+        return [round(num_timesteps - 1 - i * num_timesteps / steps) for i in range(steps)]
     stride = num_timesteps // steps
-    return list(range(0, stride * steps, stride))[::-1] if stride else list(range(num_timesteps))[::-1]
+    return list(range(0, stride * steps, stride))[::-1]
 
 
 @torch.no_grad()
@@ -51,7 +56,7 @@ def generate(binding: DiffusionBinding, request: SampleRequest) -> list[Image.Im
     generator = torch.Generator().manual_seed(request.seed)
     latents = torch.randn(shape, generator=generator).to(binding.device)
     alphas = binding.alphas_cumprod
-    timesteps = ddim_timesteps(binding.num_timesteps, request.steps)
+    timesteps = ddim_timesteps(binding.num_timesteps, request.steps, trailing=binding.zero_terminal_snr)
     guidance = torch.full((count,), float(request.guidance), device=binding.device)
     for i, t in enumerate(timesteps):
         t_batch = torch.full((2 * count,), t, device=binding.device, dtype=torch.long)

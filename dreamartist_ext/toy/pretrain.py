@@ -14,6 +14,8 @@ Phases of a run:
 Why two runs: on SD's schedule alone (the first model made here) the seed's noise, not the prompt, chose the
 background; DDPM's linear schedule fixes that but leaves an epsilon model that overshoots at the first sampling
 steps; the second run moves the model to SD's schedule with offset noise, which keeps both right.
+--schedule sd-zero-snr --prediction v_prediction trains a v model whose last step is pure noise (so only the
+prompt can choose the background); it is an experiment so far, not the shipped model.
 The result is an ordinary diffusers folder (fp16 weights) plus judge.safetensors.
 """
 
@@ -71,13 +73,17 @@ SCHEDULES = {
     # DDPM's: sqrt(alpha_bar) at the last step 0.006 instead of 0.068; an epsilon model trained 4000 steps on it
     # overshoots at the first steps (the sampler's latents reached std 8-12), so it is only the first stage
     "linear": dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear"),
+    # SD's rescaled to zero terminal SNR (Lin et al. 2023): the last step is pure noise, so the prompt alone must
+    # choose the background; needs v-prediction, and sampling from the last step ("trailing")
+    "sd-zero-snr": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        rescale_betas_zero_snr=True, timestep_spacing="trailing"),
 }
 
 
-def noise_schedule(name: str = "sd"):
+def noise_schedule(name: str = "sd", prediction_type: str = "epsilon"):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", **SCHEDULES[name])
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, **SCHEDULES[name])
 
 
 def _renders(rng: random.Random, count: int, scene_of=training_scene):
@@ -170,11 +176,13 @@ def _caption(scene, rng: random.Random) -> str:
 
 def train_diffusion(parts: dict, tokenizer, steps: int, batch: int, scenes_count: int, seed: int,
                     device: torch.device, lr: float = 4e-4, ema_decay: float = 0.999, schedule_name: str = "sd",
-                    offset_noise: float = 0.0) -> dict:
+                    offset_noise: float = 0.0, prediction_type: str = "epsilon") -> dict:
+    from ..losses import prediction_target
+
     rng = random.Random(seed)
     torch.manual_seed(seed)
     unet, vae, text_encoder = parts["unet"].to(device), parts["vae"].to(device), parts["text_encoder"].to(device)
-    scheduler = noise_schedule(schedule_name)
+    scheduler = noise_schedule(schedule_name, prediction_type)
     alphas = scheduler.alphas_cumprod.to(device)
     scale = vae.config.scaling_factor
     started = time.perf_counter()
@@ -208,7 +216,7 @@ def train_diffusion(parts: dict, tokenizer, steps: int, batch: int, scenes_count
             noise = noise + offset_noise * torch.randn(batch, z0.shape[1], 1, 1, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(noisy, t, context).sample, noise)
+        loss = F.mse_loss(unet(noisy, t, context).sample, prediction_target(z0, noise, a.flatten(), prediction_type))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -228,7 +236,7 @@ def train_diffusion(parts: dict, tokenizer, steps: int, batch: int, scenes_count
             "unet_seconds": round(time.perf_counter() - started)}
 
 
-def save_model(parts: dict, folder: Path, schedule_name: str = "sd") -> None:
+def save_model(parts: dict, folder: Path, schedule_name: str = "sd", prediction_type: str = "epsilon") -> None:
     from ..tiny import write_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,7 +244,7 @@ def save_model(parts: dict, folder: Path, schedule_name: str = "sd") -> None:
     for name, module in parts.items():
         module.to("cpu").half().save_pretrained(folder / name, safe_serialization=True)
         module.float()
-    noise_schedule(schedule_name).save_pretrained(folder / "scheduler")
+    noise_schedule(schedule_name, prediction_type).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.31.0",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -258,6 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--skip-judge", action="store_true", help="keep the judge already in --out")
     parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="sd", help="noise schedule of the U-Net")
+    parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="epsilon",
+                        help="what the U-Net predicts (a zero-SNR schedule needs v_prediction)")
     parser.add_argument("--offset-noise", type=float, default=0.0, help="std of a per-channel constant added to "
                                                                          "the noise")
     parser.add_argument("--lr", type=float, default=4e-4, help="U-Net and text encoder learning rate")
@@ -290,8 +300,8 @@ def main(argv=None) -> int:
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     report.update(train_diffusion(parts, tokenizer, args.unet_steps, args.unet_batch, args.scenes,
                                   args.seed + 20, device, lr=args.lr, schedule_name=args.schedule,
-                                  offset_noise=args.offset_noise))
-    save_model(parts, folder, args.schedule)
+                                  offset_noise=args.offset_noise, prediction_type=args.prediction))
+    save_model(parts, folder, args.schedule, args.prediction)
     if not args.skip_judge:
         phase = time.perf_counter()
         judge, accuracy = train_judge(args.judge_steps, 64, args.seed, device)
