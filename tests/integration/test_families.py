@@ -106,19 +106,21 @@ def test_a_pair_with_adapters_trains_on_the_loaded_model_and_is_used(family_host
     assert answer["images"][0] != before
     routed = [call for call in record["unet"] if call["routed"]]
     assert routed, record["unet"]
-    # each row equals the rerun with its own branch's adapter and differs from the other's (three steps of
-    # training leave the adapters small: the branches differ by ~1e-5 here)
+    # each row equals the rerun with its own branch's adapter up to float rounding and differs from the other's
+    # (three steps of training leave the adapters small: the branches differ by ~4e-5 here; batched vs single-row
+    # kernels round differently by up to ~4e-7 on some CPUs, so "equal" is 1e-6 and 20x below the other branch)
     for call in routed:
         assert set(call["roles"]) == {"cond", "uncond"}, call["roles"]
         for role, row in zip(call["roles"], call["rows_detail"]):
             own, other = ("d_pos", "d_neg") if role == "cond" else ("d_neg", "d_pos")
-            assert row[own] <= 1e-7 * max(row["scale"], 1.0) and row["pos_vs_neg"] > 0, (role, row)
-            assert row[other] > 0, (role, row)
+            assert row[own] <= 1e-6 * max(row["scale"], 1.0) and row["pos_vs_neg"] > 0, (role, row)
+            assert row[other] > 20 * row[own], (role, row)
     texts = [call for call in record["text"] if call["routed"]]
     assert {call["negative"] for call in texts} == {True, False}, texts
     for call in texts:
         own, other = ("d_neg", "d_pos") if call["negative"] else ("d_pos", "d_neg")
-        assert all(row[own] <= 1e-7 * max(row["scale"], 1.0) < row[other] for row in call["rows_detail"]), call
+        assert all(row[own] <= 1e-6 * max(row["scale"], 1.0) and row[other] > 20 * row[own]
+                   for row in call["rows_detail"]), call
     assert tracebacks(host.log()) == [], host.log()[-3000:]
 
 
