@@ -119,8 +119,7 @@ def test_a_pair_with_adapters_trains_on_the_loaded_model_and_is_used(family_host
     assert {call["negative"] for call in texts} == {True, False}, texts
     for call in texts:
         own, other = ("d_neg", "d_pos") if call["negative"] else ("d_pos", "d_neg")
-        assert all(row[own] <= 1e-6 * max(row["scale"], 1.0) and row[other] > 20 * row[own]
-                   for row in call["rows_detail"]), call
+        assert all(row[own] <= 1e-7 * max(row["scale"], 1.0) < row[other] for row in call["rows_detail"]), call
     assert tracebacks(host.log()) == [], host.log()[-3000:]
 
 
