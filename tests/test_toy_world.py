@@ -35,9 +35,8 @@ from dreamartist_ext.trainer import Trainer
 # Measured on the shipped weights at g=3 (1 and 2 CPU threads give the same figures; see the closing notes of issue 11):
 # after 200 steps the learned word draws the whole concept, a purple star, in 7 of 16 pictures on brown and beige
 # and the requested background in 8 of 16 (chance: 1 in 48 and 1 in 6); with the branches swapped the concept is
-# in 0 of 16 (shape 3, purple 0). The thresholds leave margin on both sides. (On white and navy the learned star
-# loses its colour, 2 of 16 purple: the DreamArtist row of the demo picture shows it; the study in docs/fidelity.md
-# has the analysis.)
+# in 0 of 16 (shape 3, purple 0). The thresholds leave margin on both sides. (On white and navy a g=3 star loses
+# its colour, 2 of 16 purple; docs/fidelity.md has the analysis.)
 LEARN_STEPS = 200
 LEARN_GUIDANCE = "3"  # the paper's usual g, at which the figures above were measured (the demo trains at 1.5)
 LEARN_CONTEXTS = ("brown", "beige")

@@ -219,8 +219,9 @@ def train_diffusion(parts: dict, tokenizer, steps: int, batch: int, scenes_count
         noise = torch.randn_like(z0)
         if offset_noise:  # a per-channel constant too: else at SD's last step the noise's mean leaks the background
             noise = noise + offset_noise * torch.randn(batch, z0.shape[1], 1, 1, device=device)
-        noisy = noised_latents(z0, noise, alphas[t])
-        loss = F.mse_loss(unet(noisy, t, context).sample, prediction_target(z0, noise, alphas[t], prediction_type))
+        alpha_bar = alphas[t]
+        noisy = noised_latents(z0, noise, alpha_bar)
+        loss = F.mse_loss(unet(noisy, t, context).sample, prediction_target(z0, noise, alpha_bar, prediction_type))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
